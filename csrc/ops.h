@@ -1,0 +1,6 @@
+#pragma once
+// Schema declarations of the facedeblur_ext ops: one define_* function per op family, each
+// implemented in that family's schema file and called from library.cpp.
+#include <torch/library.h>
+
+namespace facedeblur {}  // namespace facedeblur

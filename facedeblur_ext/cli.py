@@ -1,0 +1,57 @@
+"""The ``facedeblur`` command.
+
+Each subcommand lives in its own module with ``configure(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs, so that ``facedeblur --help`` stays fast
+and a missing optional dependency affects only the command that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("facedeblur_ext.commands.info", "build information and available devices"),
+    "selfcheck": ("facedeblur_ext.commands.selfcheck", "check that the native ops load and run"),
+}
+
+
+def _version() -> str:
+    from ._version import __version__
+
+    return __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facedeblur", description="Face deblurring with fused C++/CUDA kernels."
+    )
+    parser.add_argument("--version", action="version", version=f"facedeblur {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0].startswith("-") or argv[0] not in COMMANDS:
+        # Top-level flags (--version, --help) or an unknown command: argparse reports it.
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub_parser = argparse.ArgumentParser(prog=f"facedeblur {name}", description=help_text)
+    module.configure(sub_parser)
+    args = sub_parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

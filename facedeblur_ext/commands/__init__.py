@@ -1,0 +1,1 @@
+"""Subcommands of the ``facedeblur`` CLI (see ``facedeblur_ext.cli``)."""

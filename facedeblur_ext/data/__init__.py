@@ -1,0 +1,1 @@
+"""facedeblur_ext.data."""

@@ -1,0 +1,9 @@
+"""Functional API of the fused ops (registered under ``torch.ops.facedeblur_ext``).
+
+Each op has a pure-PyTorch reference with the same signature in the ``facedeblur_ref``
+package (``python/`` in the repository), used as the test oracle and benchmark baseline.
+"""
+
+from ._selfcheck import SELF_CHECKS, register_self_check
+
+__all__ = ["SELF_CHECKS", "register_self_check"]

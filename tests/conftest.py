@@ -1,0 +1,41 @@
+"""Shared pytest configuration: CUDA tests skip cleanly where no GPU or CUDA build exists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import facedeblur_ext
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def cuda_usable() -> bool:
+    return torch.cuda.is_available() and bool(facedeblur_ext.build_info()["with_cuda"])
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_usable():
+        return
+    reason = ("no CUDA device" if not torch.cuda.is_available()
+              else "facedeblur_ext was built without CUDA")
+    skip = pytest.mark.skip(reason=reason)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def device_params(*, cuda: bool = True):
+    """``pytest.param`` list for parametrizing over devices; the CUDA one carries the mark."""
+    params = [pytest.param("cpu", id="cpu")]
+    if cuda:
+        params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
