@@ -5,4 +5,7 @@ function has the signature and semantics of its fused counterpart in ``facedeblu
 This package is never imported by ``facedeblur_ext``.
 """
 
-__all__: list[str] = []
+from .modulated_deform_conv import modulated_deform_conv2d
+from .separable_norm import labels_to_masks, separable_norm
+
+__all__ = ["modulated_deform_conv2d", "separable_norm", "labels_to_masks"]

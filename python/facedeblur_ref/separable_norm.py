@@ -1,0 +1,61 @@
+"""Reference separable normalization with adaptive denormalization (SNADNet Eq. 3-9)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def labels_to_masks(labels: Tensor, num_regions: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """One-hot region masks from a label map.
+
+    Args:
+        labels: [N, H, W] or [N, 1, H, W] integer labels in ``[0, num_regions)``.
+        num_regions: R.
+        dtype: floating dtype of the result.
+
+    Returns:
+        [N, R, H, W] masks with exactly one 1 per pixel.
+    """
+    if labels.dim() == 4:
+        labels = labels[:, 0]
+    onehot = torch.nn.functional.one_hot(labels.long(), num_regions)
+    return onehot.permute(0, 3, 1, 2).to(dtype)
+
+
+def separable_norm(
+    x: Tensor,
+    masks: Tensor,
+    gamma: Tensor | None = None,
+    beta: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Normalize each region of each channel separately, then denormalize per pixel.
+
+    For sample n, channel c and region r with mask ``M_r``:
+    ``mu_r = sum(M_r x) / sum(M_r)``, ``var_r = sum(M_r (x - mu_r)^2) / sum(M_r)``,
+    ``out = (sum_r M_r (x - mu_r) / sqrt(var_r + eps)) * gamma + beta``.
+    A region with zero mass contributes nothing.
+
+    Args:
+        x: [N, C, H, W].
+        masks: [N, R, H, W], binary or soft.
+        gamma, beta: broadcastable to x, or None (scale 1, shift 0).
+        eps: added to the variance.
+
+    Returns:
+        [N, C, H, W].
+    """
+    xs = x.unsqueeze(2)  # [N, C, 1, H, W]
+    m = masks.to(x.dtype).unsqueeze(1)  # [N, 1, R, H, W]
+    mass = m.sum(dim=(-2, -1), keepdim=True)  # [N, 1, R, 1, 1]
+    safe_mass = torch.where(mass > 0, mass, torch.ones_like(mass))
+    mu = (m * xs).sum(dim=(-2, -1), keepdim=True) / safe_mass
+    var = (m * (xs - mu) ** 2).sum(dim=(-2, -1), keepdim=True) / safe_mass
+    normalized = (m * (xs - mu) / torch.sqrt(var + eps)).sum(dim=2)
+    out = normalized
+    if gamma is not None:
+        out = out * gamma
+    if beta is not None:
+        out = out + beta
+    return out
