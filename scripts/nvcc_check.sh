@@ -55,7 +55,12 @@ python_bin=${PYTHON:-python3}
 torch_include=$("$python_bin" -c "import torch.utils.cpp_extension as c; print(c.include_paths()[0])" 2>/dev/null || true)
 mapfile -t glue < <(find csrc/cuda -name '*_cuda.cpp' 2>/dev/null | sort)
 if [ -n "$torch_include" ] && [ ${#glue[@]} -gt 0 ]; then
-  cuda_include=$(dirname "$(dirname "$(readlink -f "$(command -v "$nvcc_bin")")")")/include
+  cuda_include=""
+  for dir in "${CUDA_HOME:-}/include" \
+      "$(dirname "$(dirname "$(readlink -f "$(command -v "$nvcc_bin")")")")/include" \
+      /usr/local/cuda/include; do
+    if [ -f "$dir/cuda_runtime_api.h" ]; then cuda_include=$dir; break; fi
+  done
   mkdir -p "$out_dir/inc/c10/cuda/impl"
   if [ ! -f "$torch_include/c10/cuda/impl/cuda_cmake_macros.h" ]; then
     echo "#pragma once" >"$out_dir/inc/c10/cuda/impl/cuda_cmake_macros.h"
