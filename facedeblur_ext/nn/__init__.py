@@ -1,3 +1,5 @@
 """Layers built on the fused ops, for embedding in other PyTorch models."""
 
-__all__: list[str] = []
+from .blur import KERNEL_TYPES, BlurConfig, BlurInfo, BlurSynthesizer
+
+__all__: list[str] = ["KERNEL_TYPES", "BlurConfig", "BlurInfo", "BlurSynthesizer"]

@@ -5,5 +5,24 @@ package (``python/`` in the repository), used as the test oracle and benchmark b
 """
 
 from ._selfcheck import SELF_CHECKS, register_self_check
+from .blur import (
+    average_frames,
+    blur_synthesize,
+    defocus_kernels,
+    gaussian_kernels,
+    motion_kernels,
+    pad_kernels,
+    trajectory_kernels,
+)
 
-__all__ = ["SELF_CHECKS", "register_self_check"]
+__all__ = [
+    "SELF_CHECKS",
+    "register_self_check",
+    "average_frames",
+    "blur_synthesize",
+    "defocus_kernels",
+    "gaussian_kernels",
+    "motion_kernels",
+    "pad_kernels",
+    "trajectory_kernels",
+]
