@@ -59,6 +59,15 @@ bool cpu_has_avx2() {
 #endif
 }
 
+// Grain size for at::parallel_for over `tasks` tasks of about `work` operations each: small
+// problems run on the calling thread, since waking the pool costs more than they do.
+int64_t grain_for(int64_t tasks, int64_t work) {
+  constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+  work = std::max<int64_t>(work, 1);
+  if (tasks * work < kMinParallelWork) return tasks + 1;
+  return std::max<int64_t>(1, kMinParallelWork / work);
+}
+
 // ---------------------------------------------------------------------------------------
 // Kernel generators
 // ---------------------------------------------------------------------------------------
@@ -81,11 +90,11 @@ void normalize_store(std::vector<double>& acc, int64_t K, out_t* out) {
 
 template <typename Fill>
 at::Tensor generate_kernels(int64_t N, int64_t K, at::ScalarType dtype, const at::Tensor& like,
-                            Fill fill) {
+                            int64_t work_per_kernel, Fill fill) {
   at::Tensor out = at::empty({N, K, K}, like.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "blur_kernels_cpu", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N, grain_for(N, work_per_kernel), [&](int64_t begin, int64_t end) {
       std::vector<double> acc(static_cast<size_t>(K * K));
       for (int64_t n = begin; n < end; ++n) {
         std::fill(acc.begin(), acc.end(), 0.0);
@@ -107,7 +116,7 @@ at::Tensor motion_kernels_cpu(const at::Tensor& length, const at::Tensor& angle,
   const double* L = len.data_ptr<double>();
   const double* A = ang.data_ptr<double>();
   const int K = static_cast<int>(size);
-  return generate_kernels(len.size(0), size, dtype, length, [&](int64_t n, double* acc) {
+  return generate_kernels(len.size(0), size, dtype, length, 8 * size, [&](int64_t n, double* acc) {
     blur::rasterize_motion(acc, K, L[n], A[n]);
   });
 }
@@ -117,7 +126,8 @@ at::Tensor gaussian_kernels_cpu(const at::Tensor& sigma, int64_t size, at::Scala
   const at::Tensor sig = sigma.to(at::kDouble).contiguous();
   const double* S = sig.data_ptr<double>();
   const int K = static_cast<int>(size);
-  return generate_kernels(sig.size(0), size, dtype, sigma, [&](int64_t n, double* acc) {
+  return generate_kernels(sig.size(0), size, dtype, sigma, 8 * size * size,
+                          [&](int64_t n, double* acc) {
     if (!(S[n] > 0)) return;  // normalize_store turns the empty kernel into a point
     for (int i = 0; i < K; ++i)
       for (int j = 0; j < K; ++j) acc[i * K + j] = blur::gaussian_tap(K, i, j, S[n]);
@@ -129,7 +139,8 @@ at::Tensor defocus_kernels_cpu(const at::Tensor& radius, int64_t size, at::Scala
   const at::Tensor rad = radius.to(at::kDouble).contiguous();
   const double* Rd = rad.data_ptr<double>();
   const int K = static_cast<int>(size);
-  return generate_kernels(rad.size(0), size, dtype, radius, [&](int64_t n, double* acc) {
+  return generate_kernels(rad.size(0), size, dtype, radius, 32 * size * size,
+                          [&](int64_t n, double* acc) {
     if (!(Rd[n] > 0)) return;
     for (int i = 0; i < K; ++i)
       for (int j = 0; j < K; ++j) acc[i * K + j] = blur::defocus_tap(K, i, j, Rd[n]);
@@ -150,7 +161,7 @@ at::Tensor trajectory_kernels_cpu(const at::Tensor& params, const at::Tensor& st
   AT_DISPATCH_FLOATING_TYPES(U.scalar_type(), "trajectory_kernels_cpu", [&] {
     const scalar_t* u = U.data_ptr<scalar_t>();
     const scalar_t* g = G.data_ptr<scalar_t>();
-    out = generate_kernels(N, size, dtype, params, [&](int64_t n, double* acc) {
+    out = generate_kernels(N, size, dtype, params, 64 * T, [&](int64_t n, double* acc) {
       const double* q = prm + n * blur::kTrajectoryParamCount;
       const blur::TrajectoryParams p{q[0], q[1], q[2], q[3], q[4], q[5], q[6]};
       std::vector<double> xs(static_cast<size_t>(T)), ys(static_cast<size_t>(T));
@@ -505,7 +516,9 @@ at::Tensor blur_synthesize_cpu(const at::Tensor& images_in, const at::Tensor& ke
     a.tasks_per_plane = bands_per_plane(N * C, H, Kh);
     a.rows_per_task = (H + a.tasks_per_plane - 1) / a.tasks_per_plane;
     const bool avx2 = cpu_has_avx2();
-    at::parallel_for(0, N * C * a.tasks_per_plane, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tasks = N * C * a.tasks_per_plane;
+    const int64_t work = a.rows_per_task * W * (taps.max_count + 4);
+    at::parallel_for(0, tasks, grain_for(tasks, work), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         if (avx2) {
           forward_task_avx2(a, task);
@@ -566,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   // Linear, padded input planes.
   at::Tensor lin_pad = at::empty({N, C, Hp, Wp}, opts);
   acc_t* lp = lin_pad.data_ptr<acc_t>();
-  at::parallel_for(0, N * C * Hp, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * C * Hp, grain_for(N * C * Hp, Wp), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t plane = i / Hp, U = i % Hp;
       fill_padded_row(x_ptr + plane * HW, H, W, U - pad_t, border, pad_l, Wp, lin,
@@ -584,7 +597,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   acc_t* dir_ptr = direct.numel() ? direct.data_ptr<acc_t>() : nullptr;
 
   // Pass A, per output row: recompute the blur, then the per-pixel chain rule.
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+  const int64_t row_work = C * W * (taps.max_count * R + 8);
+  at::parallel_for(0, N * H, grain_for(N * H, row_work), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> b(static_cast<size_t>(W)), br(static_cast<size_t>(R * W));
     std::vector<const acc_t*> ptrs(static_cast<size_t>(std::max<int64_t>(taps.max_count, 1)));
     for (int64_t row = begin; row < end; ++row) {
@@ -636,7 +650,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const Taps<acc_t> tapsT = compact_taps<acc_t>(kernels, true);
     // Pass B, per plane: correlate over the padded domain, fold, add the direct term and
     // chain through the CRF inverse.
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    const int64_t plane_work = Hp * Wp * (R * tapsT.max_count + 4);
+    at::parallel_for(0, N * C, grain_for(N * C, plane_work), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> gpad(static_cast<size_t>(Hp * Wp)), colfold(static_cast<size_t>(Hp * W));
       std::vector<acc_t> rowfold(static_cast<size_t>(HW));
       const int64_t total_taps = R * std::max<int64_t>(tapsT.max_count, 1);
@@ -690,7 +705,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     grad_kernels = at::empty({N, R, Kh, Kw}, opts);
     acc_t* gk_ptr = grad_kernels.data_ptr<acc_t>();
     // Pass C: one kernel tap per task, a dot product of h with the shifted input per row.
-    at::parallel_for(0, N * R * Kh * Kw, 1, [&](int64_t begin, int64_t end) {
+    const int64_t taps_total = N * R * Kh * Kw;
+    at::parallel_for(0, taps_total, grain_for(taps_total, C * HW), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t q = i % Kw, p = (i / Kw) % Kh, r = (i / (Kw * Kh)) % R, n = i / (Kw * Kh * R);
         const int64_t dy = cy - p, dx = cx - q;
@@ -768,7 +784,7 @@ at::Tensor average_frames_cpu(const at::Tensor& frames_in, const at::Tensor& cou
     scalar_t* dst = out.data_ptr<scalar_t>();
     constexpr int64_t kChunk = 1024;
     const int64_t chunks = (P + kChunk - 1) / kChunk;
-    at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * chunks, grain_for(N * chunks, kChunk * T), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(kChunk);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task / chunks, i0 = (task % chunks) * kChunk;
@@ -814,7 +830,7 @@ at::Tensor average_frames_backward_cpu(const at::Tensor& grad_in, const at::Tens
     const scalar_t* src = frames.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, N * P, 4096, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, N * P, grain_for(N * P, 2 * T), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
         const int64_t n = j / P, i = j % P;
         const acc_t scale = acc_t(1) / static_cast<acc_t>(cnt[n]);
