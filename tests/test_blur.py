@@ -598,3 +598,108 @@ def test_blur_config_validation():
     only_gauss = BlurConfig(motion_prob=0, trajectory_prob=0, defocus_prob=0)
     _, info = BlurSynthesizer(only_gauss).sample_kernels(5)
     assert info.kernel_types == ["gaussian"] * 5
+
+
+# --------------------------------------------------------------------------------------
+# Implementation variants: the baseline-ISA CPU path and CUDA against the CPU
+# --------------------------------------------------------------------------------------
+
+
+def test_baseline_isa_path_matches_the_avx2_path(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT
+
+    script = tmp_path / "blur_once.py"
+    script.write_text(
+        "import sys, torch, facedeblur_ext.ops as ops\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = torch.rand(2, 3, 37, 75, generator=g)\n"
+        "k = ops.motion_kernels([9.0, 21.0], [20.0, 110.0], 23)\n"
+        "m = torch.rand(2, 1, 37, 75, generator=g)\n"
+        "y = ops.blur_synthesize(x, k, mask=m, border='reflect')\n"
+        "torch.save(y, sys.argv[1])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "python")]))
+    outs = []
+    for name, extra in (("avx2", {}), ("baseline", {"FACEDEBLUR_NO_AVX2": "1"})):
+        path = tmp_path / f"{name}.pt"
+        subprocess.run([sys.executable, str(script), str(path)], check=True,
+                       env=dict(env, **extra), cwd=REPO_ROOT)
+        outs.append(torch.load(path))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_cuda_generators_match_cpu():
+    params, su, sn = ops.blur.trajectory_random_inputs(
+        6, 31, num_steps=1500, anxiety=(0.001, 0.05), generator=torch.Generator().manual_seed(0))
+    for centering in (0, 1):
+        cpu = OP.trajectory_kernels(params, su, sn, 31, centering, torch.float64)
+        gpu = OP.trajectory_kernels(params.cuda(), su.cuda(), sn.cuda(), 31, centering,
+                                    torch.float64)
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-9)
+    lengths, angles = torch.rand(7) * 60, torch.rand(7) * 360
+    for size in (15, 51, 64):
+        torch.testing.assert_close(ops.motion_kernels(lengths, angles, size, device="cuda").cpu(),
+                                   ops.motion_kernels(lengths, angles, size), rtol=0, atol=1e-7)
+        torch.testing.assert_close(ops.defocus_kernels(lengths / 4, size, device="cuda").cpu(),
+                                   ops.defocus_kernels(lengths / 4, size), rtol=0, atol=1e-7)
+        torch.testing.assert_close(ops.gaussian_kernels(lengths / 8, size, device="cuda").cpu(),
+                                   ops.gaussian_kernels(lengths / 8, size), rtol=0, atol=1e-7)
+    half = ops.motion_kernels(lengths, angles, 15, device="cuda", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.uint8, torch.float16,
+                                   torch.bfloat16])
+@pytest.mark.parametrize("border", BORDERS)
+def test_cuda_blur_matches_cpu(dtype, border):
+    # sizes that are not multiples of the 32 x 32 tile, several regions, a 51 x 51 kernel
+    n, c, h, w, r = 3, 3, 70, 45, 2
+    x = _images(n, c, h, w, dtype, "cpu")
+    k = torch.stack([ops.motion_kernels(torch.rand(n) * 50, torch.rand(n) * 180, 51)
+                     for _ in range(r)], dim=1)
+    k[:, 1] = _unit_kernels(n, 51, 51, "cpu", sparse=True)
+    if dtype == torch.float64:
+        k = k.double()
+    compute = k.dtype
+    weights = torch.softmax(torch.randn(n, r, h, w, dtype=compute), dim=1)
+    mask = torch.rand(n, 1, h, w, dtype=compute)
+    noise = torch.randn(n, c, h, w, dtype=compute)
+    sigma = torch.tensor([0.0, 0.02, 0.05], dtype=compute)
+    for args in [(weights, mask, None, None, 2.2, False), (weights, None, noise, sigma, None, True),
+                 (None, mask, None, None, None, False)]:
+        kk = k if args[0] is not None else k[:, :1].contiguous()
+        cpu = OP.blur_synthesize(x, kk, *args, border)
+        gpu = OP.blur_synthesize(x.cuda(), kk.cuda(), *[a.cuda() if isinstance(a, torch.Tensor)
+                                                         else a for a in args], border)
+        _compare(gpu.cpu(), cpu, quantized=bool(args[5]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("border", BORDERS)
+def test_cuda_blur_backward_matches_cpu(border):
+    x, k, weights, mask = _grad_inputs("cpu", True)
+    x = torch.rand(2, 2, 40, 37, dtype=torch.float64) * 0.8 + 0.2
+    weights = torch.rand(2, 2, 40, 37, dtype=torch.float64)
+    mask = torch.rand(2, 1, 40, 37, dtype=torch.float64)
+    k = torch.rand(2, 2, 9, 6, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    for crf in (None, 2.2):
+        for need in ([True, True, True, True], [True, False, False, False],
+                     [False, True, False, True]):
+            cpu = OP.blur_synthesize_backward(grad, x, k, weights, mask, crf, border, need)
+            gpu = OP.blur_synthesize_backward(grad.cuda(), x.cuda(), k.cuda(), weights.cuda(),
+                                              mask.cuda(), crf, border, need)
+            for a, b, wanted in zip(gpu, cpu, need):
+                assert a.numel() == b.numel() and (a.numel() > 0) == wanted
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+    frames = torch.rand(2, 5, 3, 9, 11, dtype=torch.float64)
+    counts = torch.tensor([5, 3])
+    g = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    torch.testing.assert_close(
+        OP.average_frames_backward(g.cuda(), frames.cuda(), counts.cuda(), 2.2).cpu(),
+        OP.average_frames_backward(g, frames, counts, 2.2))

@@ -21,6 +21,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <tuple>
@@ -50,9 +51,11 @@ namespace {
 
 using blur::border_index;
 
+// FACEDEBLUR_NO_AVX2=1 forces the baseline build of the row code (tests compare the two).
 bool cpu_has_avx2() {
 #if FD_X86_DISPATCH
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("FACEDEBLUR_NO_AVX2") == nullptr;
   return has;
 #else
   return false;
@@ -179,28 +182,29 @@ at::Tensor trajectory_kernels_cpu(const at::Tensor& params, const at::Tensor& st
 // ---------------------------------------------------------------------------------------
 
 // out[x] = sum_t w[t] * ptrs[t][x] for x in [0, W): the taps of one output row. Blocks of
-// eight 256-bit vectors stay in registers across all taps.
-template <typename T>
+// eight VB-byte vectors stay in registers across all taps (VB = 32 for AVX2, 16 for the
+// baseline's SSE2, whose 16 registers would not hold eight 32-byte accumulators).
+template <int VB, typename T>
 FD_ALWAYS_INLINE void accumulate_taps(const T* const* ptrs, const T* w, int64_t ntaps, int64_t W,
                                       T* out) {
   int64_t x = 0;
 #if FD_VECTOR_EXT
-  typedef T vec __attribute__((vector_size(32)));
-  constexpr int64_t L = 32 / static_cast<int64_t>(sizeof(T));
+  typedef T vec __attribute__((vector_size(VB)));
+  constexpr int64_t L = VB / static_cast<int64_t>(sizeof(T));
   for (; x + 8 * L <= W; x += 8 * L) {
     vec a0 = {}, a1 = {}, a2 = {}, a3 = {}, a4 = {}, a5 = {}, a6 = {}, a7 = {};
     for (int64_t t = 0; t < ntaps; ++t) {
       const T* p = ptrs[t] + x;
       const vec wv = vec{} + w[t];
       vec v0, v1, v2, v3, v4, v5, v6, v7;
-      __builtin_memcpy(&v0, p, 32);
-      __builtin_memcpy(&v1, p + L, 32);
-      __builtin_memcpy(&v2, p + 2 * L, 32);
-      __builtin_memcpy(&v3, p + 3 * L, 32);
-      __builtin_memcpy(&v4, p + 4 * L, 32);
-      __builtin_memcpy(&v5, p + 5 * L, 32);
-      __builtin_memcpy(&v6, p + 6 * L, 32);
-      __builtin_memcpy(&v7, p + 7 * L, 32);
+      __builtin_memcpy(&v0, p, VB);
+      __builtin_memcpy(&v1, p + L, VB);
+      __builtin_memcpy(&v2, p + 2 * L, VB);
+      __builtin_memcpy(&v3, p + 3 * L, VB);
+      __builtin_memcpy(&v4, p + 4 * L, VB);
+      __builtin_memcpy(&v5, p + 5 * L, VB);
+      __builtin_memcpy(&v6, p + 6 * L, VB);
+      __builtin_memcpy(&v7, p + 7 * L, VB);
       a0 += wv * v0;
       a1 += wv * v1;
       a2 += wv * v2;
@@ -210,23 +214,23 @@ FD_ALWAYS_INLINE void accumulate_taps(const T* const* ptrs, const T* w, int64_t 
       a6 += wv * v6;
       a7 += wv * v7;
     }
-    __builtin_memcpy(out + x, &a0, 32);
-    __builtin_memcpy(out + x + L, &a1, 32);
-    __builtin_memcpy(out + x + 2 * L, &a2, 32);
-    __builtin_memcpy(out + x + 3 * L, &a3, 32);
-    __builtin_memcpy(out + x + 4 * L, &a4, 32);
-    __builtin_memcpy(out + x + 5 * L, &a5, 32);
-    __builtin_memcpy(out + x + 6 * L, &a6, 32);
-    __builtin_memcpy(out + x + 7 * L, &a7, 32);
+    __builtin_memcpy(out + x, &a0, VB);
+    __builtin_memcpy(out + x + L, &a1, VB);
+    __builtin_memcpy(out + x + 2 * L, &a2, VB);
+    __builtin_memcpy(out + x + 3 * L, &a3, VB);
+    __builtin_memcpy(out + x + 4 * L, &a4, VB);
+    __builtin_memcpy(out + x + 5 * L, &a5, VB);
+    __builtin_memcpy(out + x + 6 * L, &a6, VB);
+    __builtin_memcpy(out + x + 7 * L, &a7, VB);
   }
   for (; x + L <= W; x += L) {
     vec a = {};
     for (int64_t t = 0; t < ntaps; ++t) {
       vec v;
-      __builtin_memcpy(&v, ptrs[t] + x, 32);
+      __builtin_memcpy(&v, ptrs[t] + x, VB);
       a += (vec{} + w[t]) * v;
     }
-    __builtin_memcpy(out + x, &a, 32);
+    __builtin_memcpy(out + x, &a, VB);
   }
 #endif
   for (; x < W; ++x) {
@@ -242,15 +246,15 @@ FD_ALWAYS_INLINE T dot_row(const T* a, const T* b, int64_t W) {
   int64_t x = 0;
   T total = 0;
 #if FD_VECTOR_EXT
-  typedef T vec __attribute__((vector_size(32)));
-  constexpr int64_t L = 32 / static_cast<int64_t>(sizeof(T));
+  typedef T vec __attribute__((vector_size(16)));
+  constexpr int64_t L = 16 / static_cast<int64_t>(sizeof(T));
   vec s0 = {}, s1 = {};
   for (; x + 2 * L <= W; x += 2 * L) {
     vec a0, a1, b0, b1;
-    __builtin_memcpy(&a0, a + x, 32);
-    __builtin_memcpy(&a1, a + x + L, 32);
-    __builtin_memcpy(&b0, b + x, 32);
-    __builtin_memcpy(&b1, b + x + L, 32);
+    __builtin_memcpy(&a0, a + x, 16);
+    __builtin_memcpy(&a1, a + x + L, 16);
+    __builtin_memcpy(&b0, b + x, 16);
+    __builtin_memcpy(&b1, b + x + L, 16);
     s0 += a0 * b0;
     s1 += a1 * b1;
   }
@@ -379,7 +383,7 @@ struct ForwardArgs {
   int64_t rows_per_task, tasks_per_plane;
 };
 
-template <typename in_t, typename acc_t>
+template <int VB, typename in_t, typename acc_t>
 FD_ALWAYS_INLINE void forward_task_body(const ForwardArgs<in_t, acc_t>& a, int64_t task) {
   const int64_t plane = task / a.tasks_per_plane, band = task % a.tasks_per_plane;
   const int64_t n = plane / a.C;
@@ -406,13 +410,13 @@ FD_ALWAYS_INLINE void forward_task_body(const ForwardArgs<in_t, acc_t>& a, int64
       for (int64_t t = 0; t < nt; ++t)
         ptrs[t] = slot(y + a.taps->dy[t0 + t]) + a.pad_l + a.taps->dx[t0 + t];
       if (a.R == 1) {
-        accumulate_taps(ptrs.data(), a.taps->w.data() + t0, nt, a.W, acc.data());
+        accumulate_taps<VB>(ptrs.data(), a.taps->w.data() + t0, nt, a.W, acc.data());
         if (a.weights) {
           const acc_t* wm = a.weights + (n * a.R) * HW + y * a.W;
           for (int64_t x = 0; x < a.W; ++x) acc[x] *= wm[x];
         }
       } else {
-        accumulate_taps(ptrs.data(), a.taps->w.data() + t0, nt, a.W, tmp.data());
+        accumulate_taps<VB>(ptrs.data(), a.taps->w.data() + t0, nt, a.W, tmp.data());
         const acc_t* wm = a.weights + (n * a.R + r) * HW + y * a.W;
         if (r == 0) {
           for (int64_t x = 0; x < a.W; ++x) acc[x] = wm[x] * tmp[x];
@@ -452,12 +456,12 @@ FD_ALWAYS_INLINE void forward_task_body(const ForwardArgs<in_t, acc_t>& a, int64
 
 template <typename in_t, typename acc_t>
 FD_TARGET_AVX2 void forward_task_avx2(const ForwardArgs<in_t, acc_t>& a, int64_t task) {
-  forward_task_body(a, task);
+  forward_task_body<32>(a, task);
 }
 
 template <typename in_t, typename acc_t>
 void forward_task_baseline(const ForwardArgs<in_t, acc_t>& a, int64_t task) {
-  forward_task_body(a, task);
+  forward_task_body<16>(a, task);
 }
 
 // Bands of rows per plane: enough tasks to feed every thread (a band re-reads Kh - 1 rows).
@@ -610,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
           const int64_t g = n * R + r, t0 = taps.begin[g], nt = taps.begin[g + 1] - t0;
           for (int64_t t = 0; t < nt; ++t)
             ptrs[t] = plane + (y + pad_t + taps.dy[t0 + t]) * Wp + pad_l + taps.dx[t0 + t];
-          accumulate_taps(ptrs.data(), taps.w.data() + t0, nt, W, br.data() + r * W);
+          accumulate_taps<16>(ptrs.data(), taps.w.data() + t0, nt, W, br.data() + r * W);
         }
         for (int64_t x = 0; x < W; ++x) {
           acc_t bx = 0;
@@ -671,7 +675,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
               wts[k] = tapsT.w[t0 + t];
             }
           }
-          accumulate_taps(ptrs.data(), wts.data(), k, Wp, gpad.data() + U * Wp);
+          accumulate_taps<16>(ptrs.data(), wts.data(), k, Wp, gpad.data() + U * Wp);
         }
         std::fill(colfold.begin(), colfold.end(), acc_t(0));
         for (int64_t U = 0; U < Hp; ++U) {
