@@ -11,7 +11,8 @@ void define_blur(torch::Library& m) {
   m.def("motion_kernels(Tensor length, Tensor angle, int size, ScalarType dtype) -> Tensor");
   m.def("gaussian_kernels(Tensor sigma, int size, ScalarType dtype) -> Tensor");
   m.def("defocus_kernels(Tensor radius, int size, ScalarType dtype) -> Tensor");
-  // params [N, 7] float64 (TrajectoryParams order), step_uniform and step_normal [N, T - 1, 2].
+  // params [N, 7] float64 (TrajectoryParams order), step_uniform [N, T - 1], step_normal
+  // [N, T - 1, 2].
   m.def(
       "trajectory_kernels(Tensor params, Tensor step_uniform, Tensor step_normal, int size, "
       "int centering, ScalarType dtype) -> Tensor");

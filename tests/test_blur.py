@@ -162,7 +162,7 @@ def test_trajectory_kernels_match_python_random_walk(device, centering):
                                  **kwargs)
     want = ref.trajectory_kernels(3, 17, generator=torch.Generator(device).manual_seed(4),
                                   **kwargs)
-    atol = 1e-12 if device == "cpu" else 1e-9  # CUDA's sin/cos/hypot round differently
+    atol = 1e-12 if device == "cpu" else 1e-9  # CUDA's sin/cos round differently
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=atol)
 
 

@@ -119,16 +119,18 @@ inline void check_trajectory_args(const at::Tensor& params, const at::Tensor& st
                   params.scalar_type() == at::kDouble,
               op, ": expected params float64 of shape [N, ", kTrajectoryParamCount, "], got ",
               params.scalar_type(), " ", params.sizes());
+  TORCH_CHECK(step_uniform.dim() == 2 && step_uniform.size(0) == params.size(0), op,
+              ": expected step_uniform of shape [N, T - 1], got ", step_uniform.sizes());
+  TORCH_CHECK(step_normal.dim() == 3 && step_normal.size(0) == params.size(0) &&
+                  step_normal.size(1) == step_uniform.size(1) && step_normal.size(2) == 2,
+              op, ": expected step_normal of shape [N, T - 1, 2], got ", step_normal.sizes());
   for (const at::Tensor* t : {&step_uniform, &step_normal}) {
-    TORCH_CHECK(t->dim() == 3 && t->size(0) == params.size(0) && t->size(2) == 2, op,
-                ": expected step random numbers of shape [N, T - 1, 2], got ", t->sizes());
     TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op,
                 ": step random numbers must be float32 or float64");
     check_same_device(params, *t, op, "step random numbers");
   }
-  TORCH_CHECK(step_uniform.sizes() == step_normal.sizes() &&
-                  step_uniform.scalar_type() == step_normal.scalar_type(),
-              op, ": step_uniform and step_normal must match in shape and dtype");
+  TORCH_CHECK(step_uniform.scalar_type() == step_normal.scalar_type(), op,
+              ": step_uniform and step_normal must have the same dtype");
   TORCH_CHECK(size >= 1, op, ": size must be at least 1, got ", size);
   TORCH_CHECK(centering == kCenterBox || centering == kCenterMass, op,
               ": centering must be 0 (bounding box) or 1 (centre of mass)");

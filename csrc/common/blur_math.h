@@ -231,9 +231,10 @@ struct TrajectoryParams {
 constexpr int kTrajectoryParamCount = 7;
 
 // The random walk: x[0] = 0, constant speed max_length / (T - 1), velocity updated from the
-// per-step random numbers: step_u[2t] decides a jerk (when below jerk_freq * anxiety),
-// step_u[2t + 1] is the jerk's angular deviation, step_n[2t], step_n[2t + 1] the Gaussian
-// acceleration. Positions go to xs[0..T), ys[0..T).
+// per-step random numbers: a jerk happens when the uniform step_u[t] is below
+// thr = jerk_freq * anxiety, and then step_u[t] / thr (uniform on [0, 1) given the jerk) sets
+// its angular deviation, as the original's second rand would; step_n[2t], step_n[2t + 1] are
+// the Gaussian acceleration. Positions go to xs[0..T), ys[0..T).
 template <typename rand_t>
 FD_HD void walk_trajectory(const TrajectoryParams& p, const rand_t* step_u,
                            const rand_t* step_n, int64_t T, double* xs, double* ys) {
@@ -250,9 +251,10 @@ FD_HD void walk_trajectory(const TrajectoryParams& p, const rand_t* step_u,
   const double jerk_threshold = p.jerk_freq * p.anxiety;
   for (int64_t t = 0; t + 1 < T; ++t) {
     double nx = 0.0, ny = 0.0;
-    if (static_cast<double>(step_u[2 * t]) < jerk_threshold) {
-      // next direction 2 v exp(i (pi + u - 0.5)): a jerk roughly against the motion
-      const double phi = 3.14159265358979323846 + (static_cast<double>(step_u[2 * t + 1]) - 0.5);
+    const double u = static_cast<double>(step_u[t]);
+    if (u < jerk_threshold) {
+      // next direction 2 v exp(i (pi + u' - 0.5)): a jerk roughly against the motion
+      const double phi = 3.14159265358979323846 + (u / jerk_threshold - 0.5);
       const double cp = cos(phi), sp = sin(phi);
       nx = 2.0 * (vx * cp - vy * sp);
       ny = 2.0 * (vx * sp + vy * cp);
@@ -261,7 +263,7 @@ FD_HD void walk_trajectory(const TrajectoryParams& p, const rand_t* step_u,
     const double gy = p.gaussian_term * static_cast<double>(step_n[2 * t + 1]);
     vx += nx + p.anxiety * (gx - p.centripetal * xs[t]) * step;
     vy += ny + p.anxiety * (gy - p.centripetal * ys[t]) * step;
-    const double mag = hypot(vx, vy);
+    const double mag = sqrt(vx * vx + vy * vy);
     if (mag > 0) {
       vx = vx / mag * step;
       vy = vy / mag * step;
@@ -327,6 +329,40 @@ FD_HD TrajectoryPlacement place_trajectory(const double* xs, const double* ys, i
   return pl;
 }
 
+// The mass a path leaves in one pixel cell [j, j + 1) x [i, i + 1) while it stays there,
+// kept in registers and added to the kernel when the path leaves: a walk step is a few
+// hundredths of a pixel, so most steps neither cross a cell edge nor need splat_segment's
+// crossing search.
+struct CellRun {
+  double i = 0, j = 0, w00 = 0, w01 = 0, w10 = 0, w11 = 0;
+  bool open = false;
+
+  FD_HD bool contains(double x, double y) const {
+    return open && x >= j && x < j + 1 && y >= i && y < i + 1;
+  }
+  // Exact integral (Simpson on quadratics) of the splat of a segment inside the cell.
+  FD_HD void add(double ax, double ay, double bx, double by, double weight) {
+    const double fx0 = ax - j, fx1 = bx - j, fy0 = ay - i, fy1 = by - i;
+    const double fxm = 0.5 * (fx0 + fx1), fym = 0.5 * (fy0 + fy1);
+    const double len = weight / 6.0;
+    w00 += len * ((1 - fx0) * (1 - fy0) + 4 * (1 - fxm) * (1 - fym) + (1 - fx1) * (1 - fy1));
+    w01 += len * (fx0 * (1 - fy0) + 4 * fxm * (1 - fym) + fx1 * (1 - fy1));
+    w10 += len * ((1 - fx0) * fy0 + 4 * (1 - fxm) * fym + (1 - fx1) * fy1);
+    w11 += len * (fx0 * fy0 + 4 * fxm * fym + fx1 * fy1);
+  }
+  template <typename acc_t>
+  FD_HD void flush(acc_t* acc, int K) {
+    if (open) {
+      add_tap(acc, K, i, j, w00);
+      add_tap(acc, K, i, j + 1, w01);
+      add_tap(acc, K, i + 1, j, w10);
+      add_tap(acc, K, i + 1, j + 1, w11);
+    }
+    open = false;
+    w00 = w01 = w10 = w11 = 0;
+  }
+};
+
 // Rasterizes the exposed part of the walk into acc (K x K, zeroed by the caller): segment k
 // carries the time it takes (1 step, the last one possibly a fraction). A walk that does not
 // move leaves a single point splat at its placed start.
@@ -335,17 +371,29 @@ FD_HD void rasterize_trajectory(acc_t* acc, int K, const double* xs, const doubl
                                 int64_t T, const TrajectoryPlacement& pl) {
   const double half = 0.5 * (K - 1);
   double moved = 0.0;
+  CellRun run;
   for (int64_t k = 0; k < T - 1 && static_cast<double>(k) < pl.t_end; ++k) {
     const double w = fmin(pl.t_end - static_cast<double>(k), 1.0);
     const double x1 = w < 1.0 ? xs[k] + w * (xs[k + 1] - xs[k]) : xs[k + 1];
     const double y1 = w < 1.0 ? ys[k] + w * (ys[k + 1] - ys[k]) : ys[k + 1];
     const double ax = (xs[k] - pl.cx) * pl.scale + half, ay = (ys[k] - pl.cy) * pl.scale + half;
     const double bx = (x1 - pl.cx) * pl.scale + half, by = (y1 - pl.cy) * pl.scale + half;
-    if (ax != bx || ay != by) {
-      splat_segment(acc, K, ax, ay, bx, by, w);
-      moved += w;
+    if (ax == bx && ay == by) continue;
+    moved += w;
+    if (!(run.contains(ax, ay) && run.contains(bx, by))) {
+      run.flush(acc, K);
+      const double j0 = floor(ax), i0 = floor(ay);
+      if (floor(bx) != j0 || floor(by) != i0) {
+        splat_segment(acc, K, ax, ay, bx, by, w);  // crosses a cell edge
+        continue;
+      }
+      run.open = true;
+      run.i = i0;
+      run.j = j0;
     }
+    run.add(ax, ay, bx, by, w);
   }
+  run.flush(acc, K);
   if (!(moved > 0)) {
     splat_point(acc, K, (xs[0] - pl.cx) * pl.scale + half, (ys[0] - pl.cy) * pl.scale + half, 1.0);
   }

@@ -168,7 +168,7 @@ at::Tensor trajectory_kernels_cpu(const at::Tensor& params, const at::Tensor& st
       const double* q = prm + n * blur::kTrajectoryParamCount;
       const blur::TrajectoryParams p{q[0], q[1], q[2], q[3], q[4], q[5], q[6]};
       std::vector<double> xs(static_cast<size_t>(T)), ys(static_cast<size_t>(T));
-      blur::walk_trajectory(p, u + n * (T - 1) * 2, g + n * (T - 1) * 2, T, xs.data(), ys.data());
+      blur::walk_trajectory(p, u + n * (T - 1), g + n * (T - 1) * 2, T, xs.data(), ys.data());
       const auto pl = blur::place_trajectory(xs.data(), ys.data(), T, K, p.exposure,
                                              static_cast<int>(centering));
       blur::rasterize_trajectory(acc, K, xs.data(), ys.data(), T, pl);

@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kWarp) trajectory_kernels_k(const double* para
     const TrajectoryParams p{q[0], q[1], q[2], q[3], q[4], q[5], q[6]};
     double* xs = positions + n * 2 * T;
     double* ys = xs + T;
-    walk_trajectory(p, step_uniform + n * (T - 1) * 2, step_normal + n * (T - 1) * 2, T, xs, ys);
+    walk_trajectory(p, step_uniform + n * (T - 1), step_normal + n * (T - 1) * 2, T, xs, ys);
     const TrajectoryPlacement pl = place_trajectory(xs, ys, T, K, p.exposure, centering);
     rasterize_trajectory(acc, K, xs, ys, T, pl);
   }

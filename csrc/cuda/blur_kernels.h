@@ -20,8 +20,8 @@ cudaError_t launch_gaussian_kernels(const double* sigma, int64_t n, int size, vo
                                     Dtype out_dtype, cudaStream_t stream);
 cudaError_t launch_defocus_kernels(const double* radius, int64_t n, int size, void* out,
                                    Dtype out_dtype, cudaStream_t stream);
-// params [n, 7] (TrajectoryParams order); step_uniform, step_normal [n, T - 1, 2] in float
-// (rand_is_double false) or double; positions: scratch of n * T * 2 doubles.
+// params [n, 7] (TrajectoryParams order); step_uniform [n, T - 1] and step_normal
+// [n, T - 1, 2] in float (rand_is_double false) or double; positions: n * T * 2 doubles.
 cudaError_t launch_trajectory_kernels(const double* params, const void* step_uniform,
                                       const void* step_normal, bool rand_is_double, int64_t n,
                                       int64_t T, int size, int centering, double* positions,

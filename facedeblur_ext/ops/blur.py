@@ -253,13 +253,15 @@ def trajectory_random_inputs(
 
     Draw order (all from ``generator`` on ``device``): ``u = rand(n, 7, float64)`` gives one
     uniform per kernel and parameter (columns as in ``TRAJECTORY_PARAMS``); then
-    ``rand(n, num_steps - 1, 2)`` and ``randn(n, num_steps - 1, 2)`` (float32) drive the steps.
+    ``rand(n, num_steps - 1)`` (jerk or not, and the jerk's direction) and
+    ``randn(n, num_steps - 1, 2)`` (the Gaussian acceleration), float32, drive the steps.
     Derived parameters, as in Boracchi & Foi's createTrajectory.m: centripetal ``0.7 u``,
     jerk frequency ``0.2 u``, Gaussian term ``10 u``, initial angle ``360 u``; anxiety,
     max_length and exposure map ``u`` into their range (a fixed value ignores its column).
 
     Returns:
-        params [n, 7] float64, step_uniform and step_normal [n, num_steps - 1, 2] float32.
+        params [n, 7] float64, step_uniform [n, num_steps - 1] and step_normal
+        [n, num_steps - 1, 2] float32.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -281,7 +283,7 @@ def trajectory_random_inputs(
         ],
         dim=1,
     ).contiguous()
-    step_uniform = torch.rand(n, num_steps - 1, 2, generator=generator, device=dev)
+    step_uniform = torch.rand(n, num_steps - 1, generator=generator, device=dev)
     step_normal = torch.randn(n, num_steps - 1, 2, generator=generator, device=dev)
     return params, step_uniform, step_normal
 

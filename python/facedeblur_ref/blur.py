@@ -190,7 +190,7 @@ def trajectory_kernels(n: int, size: int, *, anxiety=(0.003, 0.01), max_length=N
     dev = torch.device(device) if device is not None else (
         generator.device if generator is not None else torch.device("cpu"))
     u = torch.rand(n, 7, generator=generator, device=dev, dtype=torch.float64).tolist()
-    step_u = torch.rand(n, num_steps - 1, 2, generator=generator, device=dev).double().tolist()
+    step_u = torch.rand(n, num_steps - 1, generator=generator, device=dev).double().tolist()
     step_n = torch.randn(n, num_steps - 1, 2, generator=generator, device=dev).double().tolist()
     out = []
     for k in range(n):
@@ -209,14 +209,15 @@ def trajectory_kernels(n: int, size: int, *, anxiety=(0.003, 0.01), max_length=N
         xs, ys = [0.0], [0.0]
         for t in range(num_steps - 1):
             nx = ny = 0.0
-            if step_u[k][t][0] < jerk_freq * anx:
-                phi = math.pi + (step_u[k][t][1] - 0.5)
+            threshold = jerk_freq * anx
+            if step_u[k][t] < threshold:
+                phi = math.pi + (step_u[k][t] / threshold - 0.5)
                 cp, sp = math.cos(phi), math.sin(phi)
                 nx, ny = 2.0 * (vx * cp - vy * sp), 2.0 * (vx * sp + vy * cp)
             gx, gy = gaussian_term * step_n[k][t][0], gaussian_term * step_n[k][t][1]
             vx += nx + anx * (gx - centripetal * xs[t]) * step
             vy += ny + anx * (gy - centripetal * ys[t]) * step
-            mag = math.hypot(vx, vy)
+            mag = math.sqrt(vx * vx + vy * vy)
             if mag > 0:
                 vx, vy = vx / mag * step, vy / mag * step
             xs.append(xs[t] + vx)
