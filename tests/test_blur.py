@@ -561,17 +561,22 @@ def test_blur_synthesizer_is_seeded_and_matches_the_reference_backend(device):
     c, info_ref = synth(0, ref)(x, mask=mask, return_info=True)
     assert torch.equal(a, b) and not torch.equal(a, synth(1)(x, mask=mask))
     torch.testing.assert_close(a, c, **TOL[torch.float32])
-    assert info.kernel_types == info_ref.kernel_types
-    assert info.kernels.shape == (8, 17, 17)
-    torch.testing.assert_close(info.kernels.sum(dim=(1, 2)), torch.ones(8, device=device))
+    assert info["kernel_types"] == info_ref["kernel_types"]
+    assert info["params"] == info_ref["params"]
+    assert info["kernels"].shape == (8, 17, 17)
+    torch.testing.assert_close(info["kernels"].sum(dim=(1, 2)), torch.ones(8, device=device))
+    assert info["mask_used"].dtype == torch.bool and info["noise_sigma"].shape == (8,)
     # the info reproduces the noise-free part of the blur
-    quiet = BlurSynthesizer(BlurConfig(kernel_sizes=(9, 13), noise_sigma=(0.0, 0.0)),
+    quiet = BlurSynthesizer({"kernel_sizes": [9, 13], "noise_sigma": [0.0, 0.0]},
                             torch.Generator(device).manual_seed(3))
     y, info = quiet(x, return_info=True)
-    torch.testing.assert_close(y, ops.blur_synthesize(x, info.kernels))
-    for t, size, length in zip(info.kernel_types, info.kernel_sizes, info.params["length"]):
-        assert t in ("motion", "trajectory", "gaussian", "defocus") and int(size) in (9, 13)
-        assert (t == "motion") == (not math.isnan(float(length)))
+    torch.testing.assert_close(y, ops.blur_synthesize(x, info["kernels"]))
+    expected_keys = {"motion": {"length", "angle"}, "trajectory": set(), "gaussian": {"sigma"},
+                     "defocus": {"radius"}}
+    for t, size, params in zip(info["kernel_types"], info["kernel_sizes"], info["params"]):
+        assert set(params) == expected_keys[t] and int(size) in (9, 13)
+        if t == "motion":
+            assert params["length"] <= int(size) - 1
 
 
 def test_blur_synthesizer_in_a_collate_function():
@@ -595,9 +600,13 @@ def test_blur_config_validation():
         BlurConfig(motion_length=(5.0, 1.0))
     with pytest.raises(ValueError, match="mask_prob"):
         BlurConfig(mask_prob=1.5)
+    with pytest.raises(ValueError, match="unknown BlurConfig keys"):
+        BlurSynthesizer({"kernel_size": 9})
+    with pytest.raises(TypeError, match="config must be"):
+        BlurSynthesizer(3)
     only_gauss = BlurConfig(motion_prob=0, trajectory_prob=0, defocus_prob=0)
     _, info = BlurSynthesizer(only_gauss).sample_kernels(5)
-    assert info.kernel_types == ["gaussian"] * 5
+    assert info["kernel_types"] == ["gaussian"] * 5
 
 
 # --------------------------------------------------------------------------------------

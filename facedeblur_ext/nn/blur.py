@@ -6,6 +6,7 @@ noise level; the batch is then blurred in one ``blur_synthesize`` call. Works on
 (inside a ``collate_fn``) and on the GPU (inside the training loop)::
 
     synth = BlurSynthesizer(BlurConfig(), generator=torch.Generator().manual_seed(0))
+    # or BlurSynthesizer({"kernel_sizes": [13, 17, 21], "noise_sigma": [0, 0.02]}) from YAML
 
     def collate(batch):                      # batch: list of [C, H, W] sharp images
         sharp = torch.stack(batch)
@@ -20,14 +21,15 @@ DataLoader workers each hold a copy of the generator: reseed per worker (e.g.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 KERNEL_TYPES = ("motion", "trajectory", "gaussian", "defocus")
 
-__all__ = ["KERNEL_TYPES", "BlurConfig", "BlurInfo", "BlurSynthesizer"]
+__all__ = ["KERNEL_TYPES", "BlurConfig", "BlurSynthesizer"]
 
 Range = tuple[float, float]
 
@@ -110,40 +112,34 @@ class BlurConfig:
             raise ValueError(f"trajectory_centering must be 'box' or 'mass', got "
                              f"{self.trajectory_centering!r}")
 
+    @classmethod
+    def from_dict(cls, values: Mapping) -> BlurConfig:
+        """A config from a mapping (e.g. parsed YAML or JSON; lists become tuples)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown BlurConfig keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
     def type_probabilities(self) -> list[float]:
         return [float(self.motion_prob), float(self.trajectory_prob), float(self.gaussian_prob),
                 float(self.defocus_prob)]
 
 
-@dataclass
-class BlurInfo:
-    """What ``BlurSynthesizer.forward(..., return_info=True)`` used, per sample.
-
-    Attributes:
-        kernels: [N, K, K] kernels (K the largest configured size, smaller ones zero-padded
-            around their origin); re-applying them with ``blur_synthesize`` and the same
-            mask, noise and CRF settings reproduces the output.
-        kernel_types: N names from ``KERNEL_TYPES``.
-        kernel_sizes: [N] int64 size each kernel was generated at.
-        params: per-parameter [N] float64 tensors, NaN where a parameter does not apply:
-            ``length`` and ``angle`` (motion), ``sigma`` (gaussian), ``radius`` (defocus).
-        noise_sigma: [N] noise standard deviation used.
-        mask_used: [N] bool, whether the sample was blurred through the mask.
-    """
-
-    kernels: Tensor
-    kernel_types: list[str]
-    kernel_sizes: Tensor
-    params: dict[str, Tensor] = field(default_factory=dict)
-    noise_sigma: Tensor | None = None
-    mask_used: Tensor | None = None
-
-
 class BlurSynthesizer(nn.Module):
     """Samples a blur per sample from a ``BlurConfig`` and applies it to a sharp batch.
 
+    ``forward(..., return_info=True)`` also returns a dict describing each sample's blur:
+    ``kernels`` [N, K, K] (K the largest configured size, smaller kernels zero-padded around
+    their origin; re-applying them with ``ops.blur_synthesize`` and the same mask, noise and
+    CRF settings reproduces the output), ``kernel_types`` (N names from ``KERNEL_TYPES``),
+    ``kernel_sizes`` [N] int64, ``params`` (N dicts of floats: ``length`` and ``angle`` for
+    motion, ``sigma`` for gaussian, ``radius`` for defocus, nothing more for trajectory),
+    ``noise_sigma`` [N] and ``mask_used`` [N] bool.
+
     Args:
-        config: what to sample (default ``BlurConfig()``).
+        config: what to sample: a ``BlurConfig``, a mapping of its fields (e.g. parsed YAML),
+            or None for the defaults.
         generator: torch.Generator for every random draw (kernel types, sizes, parameters,
             trajectories, noise); it must live on the device of the images passed to
             ``forward``. None uses torch's default generator of that device.
@@ -152,12 +148,19 @@ class BlurSynthesizer(nn.Module):
             None means ``facedeblur_ext.ops`` (``facedeblur_ref`` gives the reference).
     """
 
-    def __init__(self, config: BlurConfig | None = None,
+    def __init__(self, config: BlurConfig | Mapping | None = None,
                  generator: torch.Generator | None = None, backend=None) -> None:
         super().__init__()
         if backend is None:
             from .. import ops as backend
-        self.config = config if config is not None else BlurConfig()
+        if config is None:
+            config = BlurConfig()
+        elif isinstance(config, Mapping):
+            config = BlurConfig.from_dict(config)
+        elif not isinstance(config, BlurConfig):
+            raise TypeError(f"config must be a BlurConfig, a mapping or None, got "
+                            f"{type(config).__name__}")
+        self.config = config
         self.generator = generator
         self.backend = backend
 
@@ -178,13 +181,12 @@ class BlurSynthesizer(nn.Module):
             raise ValueError(f"the generator is on {self.generator.device} but the images on "
                              f"{device}; create it with torch.Generator(device={str(device)!r})")
 
-    def sample_kernels(self, n: int, device: torch.device | str = "cpu"
-                       ) -> tuple[Tensor, BlurInfo]:
+    def sample_kernels(self, n: int, device: torch.device | str = "cpu") -> tuple[Tensor, dict]:
         """Draw N kernels (types, sizes and parameters per the config).
 
         Returns:
-            kernels [N, K, K] float32 on ``device`` (K the largest configured size) and a
-            ``BlurInfo`` without noise and mask fields.
+            kernels [N, K, K] float32 on ``device`` (K the largest configured size) and the
+            info dict of ``forward`` without ``noise_sigma`` and ``mask_used``.
         """
         cfg, gen, be = self.config, self.generator, self.backend
         device = torch.device(device)
@@ -200,9 +202,7 @@ class BlurSynthesizer(nn.Module):
         sizes_cfg = cfg.kernel_sizes
         sizes = [sizes_cfg[min(int(s * len(sizes_cfg)), len(sizes_cfg) - 1)] for s in size_u]
         kmax = max(sizes_cfg)
-        nan = torch.full((n,), float("nan"), dtype=f64, device=device)
-        params = {"length": nan.clone(), "angle": nan.clone(), "sigma": nan.clone(),
-                  "radius": nan.clone()}
+        params: list[dict[str, float]] = [{} for _ in range(n)]
         kernels = torch.zeros(n, kmax, kmax, device=device)
 
         def span(rng, col):
@@ -220,8 +220,9 @@ class BlurSynthesizer(nn.Module):
                 index = torch.tensor(idx, device=device)
                 if kind == 0:
                     k = be.motion_kernels(lengths[index], angles[index], size, device=device)
-                    params["length"][index] = lengths[index]
-                    params["angle"][index] = angles[index]
+                    for i, length, angle in zip(idx, lengths[index].tolist(),
+                                                angles[index].tolist()):
+                        params[i] = {"length": length, "angle": angle}
                 elif kind == 1:
                     k = be.trajectory_kernels(
                         len(idx), size, anxiety=cfg.trajectory_anxiety,
@@ -230,14 +231,16 @@ class BlurSynthesizer(nn.Module):
                         generator=gen, device=device)
                 elif kind == 2:
                     k = be.gaussian_kernels(sigmas[index], size, device=device)
-                    params["sigma"][index] = sigmas[index]
+                    for i, sigma in zip(idx, sigmas[index].tolist()):
+                        params[i] = {"sigma": sigma}
                 else:
                     k = be.defocus_kernels(radii[index], size, device=device)
-                    params["radius"][index] = radii[index]
+                    for i, radius in zip(idx, radii[index].tolist()):
+                        params[i] = {"radius": radius}
                 kernels[index] = be.pad_kernels(list(k.float()), (kmax, kmax))
-        info = BlurInfo(kernels=kernels, kernel_types=[KERNEL_TYPES[t] for t in types],
-                        kernel_sizes=torch.tensor(sizes, dtype=torch.int64, device=device),
-                        params=params)
+        info = {"kernels": kernels, "kernel_types": [KERNEL_TYPES[t] for t in types],
+                "kernel_sizes": torch.tensor(sizes, dtype=torch.int64, device=device),
+                "params": params}
         return kernels, info
 
     def forward(self, images: Tensor, mask: Tensor | None = None, return_info: bool = False):
@@ -248,10 +251,10 @@ class BlurSynthesizer(nn.Module):
             mask: optional [N, 1, H, W] (or [N, H, W]) soft face mask in [0, 1]; each sample
                 uses it with probability ``config.mask_prob`` (face-only blur), otherwise it
                 is blurred whole.
-            return_info: also return a ``BlurInfo``.
+            return_info: also return the info dict (see the class docstring).
 
         Returns:
-            Blurred images (shape and dtype of ``images``), and the ``BlurInfo`` when asked.
+            Blurred images (shape and dtype of ``images``), and the info dict when asked.
         """
         if not isinstance(images, Tensor) or images.dim() != 4:
             raise ValueError(f"images must be a [N, C, H, W] tensor, got "
@@ -276,6 +279,6 @@ class BlurSynthesizer(nn.Module):
             border=cfg.border, generator=gen)
         if not return_info:
             return out
-        info.noise_sigma = sigma if cfg.noise_sigma[1] > 0 else torch.zeros_like(sigma)
-        info.mask_used = mask_used
+        info["noise_sigma"] = sigma if cfg.noise_sigma[1] > 0 else torch.zeros_like(sigma)
+        info["mask_used"] = mask_used
         return out, info
