@@ -1,3 +1,15 @@
 """Layers built on the fused ops, for embedding in other PyTorch models."""
 
-__all__: list[str] = []
+from .control_adaptive import (
+    ControlAdaptiveBlock,
+    ControlAdaptiveDeformConv2d,
+    resolve_backend,
+    set_backend,
+)
+
+__all__: list[str] = [
+    "ControlAdaptiveBlock",
+    "ControlAdaptiveDeformConv2d",
+    "resolve_backend",
+    "set_backend",
+]
