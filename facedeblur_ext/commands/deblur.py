@@ -54,15 +54,23 @@ def _save_png(array, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def gif_frame_ms(fps: float) -> int:
+    """Frame time for ``fps``: GIF stores centiseconds, and players stretch frames under 20 ms."""
+    return max(20, round(100 / fps) * 10)
+
+
 def _save_gif(arrays, path: Path, fps: float, bounce: bool) -> None:
+    import numpy as np
     from PIL import Image
 
-    frames = [Image.fromarray(a) for a in arrays]
+    # One palette for the whole animation (no colour flicker between frames).
+    palette = Image.fromarray(np.concatenate(list(arrays), axis=0)).quantize(256)
+    frames = [Image.fromarray(a).quantize(palette=palette) for a in arrays]
     if bounce and len(frames) > 2:
         frames = frames + frames[-2:0:-1]
     tmp = path.with_name(f".{path.name}.tmp")
     frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                   duration=max(1, round(1000 / fps)), loop=0, disposal=1)
+                   duration=gif_frame_ms(fps), loop=0, disposal=1)
     os.replace(tmp, path)
 
 

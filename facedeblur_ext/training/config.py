@@ -8,6 +8,7 @@ string. ``a.b=...`` creates missing intermediate tables.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -15,6 +16,22 @@ from pathlib import Path
 import yaml
 
 __all__ = ["apply_overrides", "deep_merge", "default_config_path", "load_config", "read_config"]
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; read it as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str):
+    """``yaml.safe_load`` with YAML 1.2 style exponent floats."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
 
 
 def read_config(path) -> dict:
@@ -26,7 +43,7 @@ def read_config(path) -> dict:
 
         data = tomllib.loads(text)
     else:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -55,7 +72,7 @@ def apply_overrides(config: Mapping, overrides: Iterable[str]) -> dict:
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise ValueError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
         node = out
         for part in parts[:-1]:
             child = node.get(part)
