@@ -23,6 +23,7 @@ from facedeblur_ext.data import (
     REGION_NAMES,
     BadImageError,
     FaceAnalyzer,
+    FrameReadError,
     FrameStackDataset,
     KernelBlurDataset,
     NoFaceWarning,
@@ -457,6 +458,13 @@ def test_frame_dataset_variable_length_and_video_source(tmp_path, analyzer):
     decoded = reader.read(2, 3)
     assert len(decoded) == 3 and decoded[0].shape == frames[0].shape
     assert np.abs(decoded[0].astype(int) - frames[2]).mean() < 6  # MJPG is lossy
+    # seeks backwards, skips forwards and straight continuations all give the same frames
+    every = VideoFrames(video).read(0, 7)
+    for start, count in ((0, 2), (3, 2), (5, 2), (1, 3), (6, 1)):
+        for k, frame in enumerate(reader.read(start, count)):
+            np.testing.assert_array_equal(frame, every[start + k])
+    with pytest.raises(FrameReadError):
+        reader.read(5, 3)
 
     ds = FrameStackDataset([video, FRAMES[0].parent], num_frames=(3, 5), stride=2,
                            analyzer=analyzer, crop_size=64, seed=7)
@@ -651,3 +659,11 @@ def test_cli_kernel_mode_without_synthesizer_fails_clearly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "BlurSynthesizer" in err and "--mode frames works without it" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_without_mediapipe_stops_with_the_install_hint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mediapipe", None)
+    code = _run_cli(["--input", FRAMES[0].parent, "--output", tmp_path / "o", "--mode", "frames",
+                     "--num-frames", "5", "--cache-dir", tmp_path / "empty_cache"])
+    assert code == 2
+    assert "pip install -e .[face]" in capsys.readouterr().err

@@ -160,7 +160,9 @@ def _kernel_items(args) -> list[tuple[str, Path]]:
     from facedeblur_ext.data.io import list_images, safe_item_name
 
     root = args.input
-    files = list_images(root)
+    out = args.output.resolve()
+    # (an output folder inside the input folder must not feed back into the inputs)
+    files = [p for p in list_images(root) if not p.resolve().is_relative_to(out)]
     base = root if root.is_dir() else root.parent
     return [(safe_item_name(p.relative_to(base).with_suffix("").parts), p) for p in files]
 
@@ -179,7 +181,10 @@ def _frame_items(args, skipped: list) -> list[tuple[str, tuple]]:
     root = args.input
     base = root if root.is_dir() else root.parent
     items = []
+    out = args.output.resolve()
     for path in discover_frame_sources(root):
+        if path.resolve().is_relative_to(out):
+            continue
         rel = path.relative_to(base) if path != base else Path(path.name)
         if path.is_file():
             rel = rel.with_suffix("")
@@ -345,6 +350,10 @@ def run(args: argparse.Namespace) -> int:
             else:
                 record = _do_kernel_item(args, name, spec, out, analyzer, synthesizer,
                                          face_only=args.mode == "face-only")
+        except ImportError as exc:  # MediaPipe missing: every item would fail the same way
+            bar.close()
+            print(f"facedeblur synth: {exc}", file=sys.stderr)
+            return 2
         except _SkipItem as exc:
             skipped.append({"item": name, "input": source_text, "reason": str(exc)})
             tqdm.write(f"skipped {source_text}: {exc}", file=sys.stderr)

@@ -497,7 +497,9 @@ class FrameStackDataset(_AugmentedFaceDataset):
             "index": torch.tensor(index),
         }
         if self.return_stack:
-            sample["sharp"] = torch.stack([_image_tensor(s) for s in sharp])
+            # one uint8 stack and one conversion instead of N float tensors and a float stack
+            stack = torch.from_numpy(np.stack(sharp)).permute(0, 3, 1, 2)
+            sample["sharp"] = stack.float().div_(255.0).contiguous()
         if self.return_masks:
             union = np.zeros(transform.out_size, np.float32)
             for analysis in analyses:

@@ -88,6 +88,10 @@ _BOX_CENTER_DY = -0.04
 _BOX_AXES = (0.465, 0.535)
 
 
+# MediaPipe graphs inherited from a parent process through fork (see _init_process_state).
+_ORPHANED: list = []
+
+
 class NoFaceWarning(UserWarning):
     """No face mesh was found; a documented fallback was used."""
 
@@ -215,6 +219,11 @@ class FaceAnalyzer:
         self.stats = {"memory_hits": 0, "disk_hits": 0, "computed": 0}
 
     def _init_process_state(self):
+        graphs = getattr(self, "_graphs", None)
+        if graphs is not None and getattr(self, "_pid", None) != os.getpid():
+            # Inherited through fork: the graphs' threads do not exist in this process, so
+            # destroying them here could block. Keep them alive, unused.
+            _ORPHANED.append(graphs)
         self._graphs = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
@@ -232,7 +241,9 @@ class FaceAnalyzer:
 
     # ---- MediaPipe ---------------------------------------------------------------------
     def _mediapipe(self):
-        if self._graphs is None or self._pid != os.getpid():
+        if self._pid != os.getpid():
+            self._init_process_state()
+        if self._graphs is None:
             face_mesh, face_detection, selfie = import_mediapipe()
             conf = self.min_detection_confidence
             self._graphs = {

@@ -24,6 +24,7 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _GRAY_MODES = frozenset({"1", "L", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 
 DEFAULT_MIN_SIZE = 32
+_EXIF_ORIENTATION = 0x0112
 
 
 class BadImageError(ValueError):
@@ -93,8 +94,11 @@ def load_rgb(path: str | os.PathLike, *, min_size: int = DEFAULT_MIN_SIZE,
                 raise BadImageError(f"has an alpha channel (mode {mode}); RGB is required", path)
             if mode in _GRAY_MODES and not allow_grayscale:
                 raise BadImageError(f"grayscale (mode {mode}); RGB is required", path)
-            pil = ImageOps.exif_transpose(pil)
-            if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+            if pil.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # (transposing copies)
+                pil = ImageOps.exif_transpose(pil)
+            if mode == "RGB":
+                rgb = np.asarray(pil, dtype=np.uint8)
+            elif mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
                 # 16-bit / float gray: scale to 8 bits before conversion.
                 arr = np.asarray(pil, dtype=np.float64)
                 top = 65535.0 if mode.startswith("I") and arr.max() > 255 else 255.0
@@ -239,13 +243,21 @@ class FrameFolder:
         if start < 0 or start + count > len(self.files):
             raise FrameReadError(f"{self.path}: frames {start}..{start + count - 1} out of range "
                                  f"(it has {len(self.files)})")
-        return [load_rgb(f, min_size=self.min_size) for f in self.files[start:start + count]]
+        frames = [load_rgb(f, min_size=self.min_size) for f in self.files[start:start + count]]
+        if any(f.shape != frames[0].shape for f in frames):
+            raise FrameReadError(f"{self.path}: frames {start}..{start + count - 1} differ in "
+                                 f"size")
+        return frames
 
     def describe(self, index: int) -> str:
         return str(self.files[index])
 
     def __getstate__(self):
         return self.__dict__.copy()
+
+
+_ORPHANED_CAPTURES: list = []
+_MAX_GRAB_AHEAD = 16
 
 
 class VideoFrames:
@@ -289,7 +301,12 @@ class VideoFrames:
     def _capture(self):
         import cv2
 
-        if self._cap is None or self._cap_pid != os.getpid():
+        if self._cap is not None and self._cap_pid != os.getpid():
+            # Inherited through fork: leave the parent's decoder alone (its threads are not
+            # ours) and open a new one.
+            _ORPHANED_CAPTURES.append(self._cap)
+            self._cap = None
+        if self._cap is None:
             self._cap = cv2.VideoCapture(str(self.path))
             self._cap_pid = os.getpid()
             self._next = 0
@@ -305,7 +322,15 @@ class VideoFrames:
             raise FrameReadError(f"{self.path}: frames {start}..{start + count - 1} out of range "
                                  f"(it has {self._count})")
         cap = self._capture()
-        if self._next != start:
+        ahead = None if self._next is None else start - self._next
+        if ahead is not None and 0 < ahead <= _MAX_GRAB_AHEAD:
+            # a short way forward: skipping frames is cheaper than a seek, which decodes
+            # from the previous key frame
+            for _ in range(ahead):
+                if not cap.grab():
+                    ahead = None
+                    break
+        if ahead != 0 and (ahead is None or not 0 < ahead <= _MAX_GRAB_AHEAD):
             cap.set(cv2.CAP_PROP_POS_FRAMES, start)
         frames = []
         for k in range(count):
@@ -330,7 +355,7 @@ class VideoFrames:
 
     def __del__(self):
         cap = getattr(self, "_cap", None)
-        if cap is not None:
+        if cap is not None and getattr(self, "_cap_pid", None) == os.getpid():
             cap.release()
 
 
