@@ -211,6 +211,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     results = {}
     for mode in args.modes:
         results[mode] = measure(mode, args.samples)
@@ -233,6 +234,9 @@ def main(argv=None) -> int:
         "command": "PYTHONPATH=$PWD:$PWD/python python benchmarks/bench_data.py "
                    + " ".join(sys.argv[1:] if argv is None else argv),
         "note": "cold = empty face-analysis cache (MediaPipe per image/frame); warm = cached",
+        # A busy machine slows every number: compare runs only at similar load.
+        "load_average_1min": {"before": round(load_before, 2),
+                              "after": round(os.getloadavg()[0], 2)},
         "results": results,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

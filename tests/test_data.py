@@ -439,6 +439,14 @@ def test_dataloader_workers_give_the_same_batches(analyzer):
     for a, b in zip(serial, parallel):
         _assert_same(a, b)
     assert serial[0]["sharp"].shape == (3, 3, 48, 48)
+    # persistent workers follow set_epoch() of the main process
+    loader = DataLoader(ds, batch_size=6, num_workers=2, persistent_workers=True)
+    first = next(iter(loader))
+    ds.set_epoch(1)
+    second = next(iter(loader))
+    ds.set_epoch(0)
+    torch.testing.assert_close(first["sharp"], torch.cat([b["sharp"] for b in serial]))
+    assert not torch.equal(first["sharp"], second["sharp"])
 
 
 def test_frame_dataset_variable_length_and_video_source(tmp_path, analyzer):

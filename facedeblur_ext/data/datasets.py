@@ -106,14 +106,24 @@ class _AugmentedFaceDataset(Dataset):
         self.flip_prob = float(flip_prob)
         self.augment = bool(augment)
         self.seed = int(seed)
-        self.epoch = 0
+        # In shared memory, so that DataLoader workers (persistent ones included) see
+        # set_epoch() calls made in the main process.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.soft_masks = bool(soft_masks)
         self.feather = float(feather)
         self.min_size = int(min_size)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """Select the augmentation of ``epoch`` (samples stay deterministic per epoch)."""
-        self.epoch = int(epoch)
+        """Select the augmentation of ``epoch`` (samples stay deterministic per epoch).
+
+        Call it before ``iter(loader)`` of that epoch: the value lives in shared memory, so
+        workers that already exist (``persistent_workers=True``) see it too.
+        """
+        self._epoch[0] = int(epoch)
 
     def _augmentation_rng(self, index: int) -> np.random.Generator:
         return _sample_rng(self.seed, 1, self.epoch, index)

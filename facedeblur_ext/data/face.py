@@ -227,7 +227,8 @@ class FaceAnalyzer:
         self._graphs = None
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._memory: OrderedDict[str, dict] = OrderedDict()
+        if not hasattr(self, "_memory"):  # (a forked child keeps its copy: still valid)
+            self._memory: OrderedDict[str, dict] = OrderedDict()
 
     def __getstate__(self):
         state = self.__dict__.copy()
