@@ -159,7 +159,8 @@ def test_parsing_snad_is_separable_norm_with_parsing_driven_gamma_beta(norm_regi
     p = F.interpolate(parsing, size=(8, 8), mode="area")
     shared = F.relu(layer.conv1(p))
     gamma, beta = layer.conv2(shared), layer.conv3(shared)
-    masks = p if norm_regions == "parsing" else torch.stack([1 - p[:, 3], p[:, 3]], 1)
+    face = p[:, 0] + p[:, 1]  # facial parts + skin; hair and background are "background"
+    masks = p if norm_regions == "parsing" else torch.stack([face, 1 - face], 1)
     # Direct composition of Eq. 3-9.
     out = torch.zeros_like(x)
     for r in range(masks.shape[1]):
@@ -169,6 +170,13 @@ def test_parsing_snad_is_separable_norm_with_parsing_driven_gamma_beta(norm_regi
         var = (m * (x - mu) ** 2).sum((2, 3), keepdim=True) / mass.clamp_min(1e-12)
         out = out + m * (x - mu) / torch.sqrt(var + 1e-5)
     torch.testing.assert_close(layer(x, parsing), out * gamma + beta, rtol=1e-4, atol=1e-4)
+
+
+def test_parsing_snad_rejects_face_regions_outside_the_parsing_map():
+    with pytest.raises(ValueError, match="face_regions"):
+        ParsingSNAD(4, 4, face_regions=(4,), backend=facedeblur_ref)
+    with pytest.raises(ValueError, match="norm_regions"):
+        ParsingSNAD(4, 4, norm_regions="batch", backend=facedeblur_ref)
 
 
 def test_backend_none_resolves_to_the_fused_op_when_the_layer_runs():

@@ -104,24 +104,30 @@ class ParsingSNAD(nn.Module):
         channels: feature channels C.
         parsing_channels: channels R of the parsing map P (4 regions).
         hidden: channels of the shared ``conv1`` (SPADE uses 128).
-        norm_regions: ``"face_background"`` normalizes the two regions of Eq. 3-7 (foreground =
-            every region but the background, background = the background channel);
-            ``"parsing"`` normalizes each of the R parsing regions separately.
-        background_index: the background channel of P.
+        norm_regions: ``"face_background"`` normalizes the two regions of Eq. 3-7, the face
+            foreground ``M_f`` (the sum of the ``face_regions`` channels of P) and the rest
+            ``M_b = 1 - M_f``; ``"parsing"`` normalizes each of the R parsing regions
+            separately (the R-region generalization).
+        face_regions: channels of P forming the face foreground; the default (facial parts,
+            skin) is the data pipeline's face mask. Hair counts as background, as in the
+            face-only blur mask.
         eps: added to the variance.
         backend: object providing ``separable_norm(x, masks, gamma, beta, eps)``; None means
             ``facedeblur_ext.ops`` (looked up when the layer runs).
     """
 
     def __init__(self, channels: int, parsing_channels: int = 4, hidden: int = 128,
-                 norm_regions: str = "face_background", background_index: int = 3,
+                 norm_regions: str = "face_background", face_regions: tuple[int, ...] = (0, 1),
                  eps: float = 1e-5, backend=None):
         super().__init__()
         if norm_regions not in ("face_background", "parsing"):
             raise ValueError("norm_regions must be 'face_background' or 'parsing', "
                              f"got {norm_regions!r}")
         self.norm_regions = norm_regions
-        self.background_index = background_index
+        self.face_regions = tuple(int(r) for r in face_regions)
+        if not self.face_regions or any(not 0 <= r < parsing_channels for r in self.face_regions):
+            raise ValueError(f"face_regions {face_regions} must name channels of the "
+                             f"{parsing_channels}-channel parsing map")
         self.eps = eps
         self.conv1 = nn.Conv2d(parsing_channels, hidden, 3, 1, 1)
         self.conv2 = nn.Conv2d(hidden, channels, 3, 1, 1)  # gamma
@@ -134,8 +140,8 @@ class ParsingSNAD(nn.Module):
     def region_masks(self, parsing: Tensor) -> Tensor:
         if self.norm_regions == "parsing":
             return parsing
-        background = parsing[:, self.background_index:self.background_index + 1]
-        return torch.cat([1.0 - background, background], dim=1)
+        face = parsing[:, list(self.face_regions)].sum(dim=1, keepdim=True)
+        return torch.cat([face, 1.0 - face], dim=1)
 
     def forward(self, x: Tensor, parsing: Tensor) -> Tensor:
         p = resize_parsing(parsing.to(x.dtype), x.shape[-2:])
@@ -154,10 +160,10 @@ class SNADBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, parsing_channels: int = 4,
                  ad_hidden: int = 128, norm_regions: str = "face_background",
-                 background_index: int = 3, backend=None):
+                 face_regions: tuple[int, ...] = (0, 1), backend=None):
         super().__init__()
         kw = dict(parsing_channels=parsing_channels, hidden=ad_hidden,
-                  norm_regions=norm_regions, background_index=background_index, backend=backend)
+                  norm_regions=norm_regions, face_regions=face_regions, backend=backend)
         self.snad_in = ParsingSNAD(in_channels, **kw)
         self.conv_in = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
         self.snad_mid = ParsingSNAD(out_channels, **kw)
@@ -224,7 +230,7 @@ class SNADNetGenerator(nn.Module):
         ad_hidden: hidden channels of each SNAD layer's ``conv1``.
         texture_levels: texture extractors on this many of the shallowest decoder maps (the
             texture loss sums over them, Eq. 12 with N = 3); 0 disables them.
-        norm_regions, background_index: see :class:`ParsingSNAD`.
+        norm_regions, face_regions: see :class:`ParsingSNAD`.
         encoder_norm: batch norm in the encoder residual units (LinkNet/ResNet do).
         global_residual: add the output to the blurry input.
         backend: see :class:`ParsingSNAD`; :meth:`set_backend` changes it later.
@@ -237,7 +243,7 @@ class SNADNetGenerator(nn.Module):
 
     def __init__(self, width: int = 64, num_stages: int = 4, parsing_channels: int = 4,
                  ad_hidden: int = 128, texture_levels: int = 3,
-                 norm_regions: str = "face_background", background_index: int = 3,
+                 norm_regions: str = "face_background", face_regions: tuple[int, ...] = (0, 1),
                  encoder_norm: bool = True, global_residual: bool = True, backend=None):
         super().__init__()
         if num_stages < 1:
@@ -264,7 +270,7 @@ class SNADNetGenerator(nn.Module):
         skip_widths = [width] + widths[:-1]
         self.decoder = nn.ModuleList(
             SNADBlock(widths[k], skip_widths[k], parsing_channels, ad_hidden, norm_regions,
-                      background_index, backend)
+                      face_regions, backend)
             for k in range(num_stages)
         )
         # texture[j] acts on the decoder map at resolution 1/2**j (j = 0 is full resolution).

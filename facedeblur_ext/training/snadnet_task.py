@@ -43,7 +43,6 @@ class SNADNetConfig:
     """Hyper-parameters; the defaults are the paper's (widths: LinkNet / BiSeNet / Fig. 4)."""
 
     num_regions: int = 4
-    background_index: int = 3
     # Stage I: parser.
     parser_width: int = 64
     parser_context_channels: int = 128
@@ -61,6 +60,8 @@ class SNADNetConfig:
     ad_hidden: int = 128
     texture_levels: int = 3
     norm_regions: str = "face_background"
+    # Parsing channels forming the face foreground of separable normalization (parts, skin).
+    face_regions: tuple[int, ...] = (0, 1)
     encoder_norm: bool = True
     disc_width: int = 64
     disc_max_width: int = 512
@@ -115,7 +116,7 @@ class SNADNetTask:
         self.generator = SNADNetGenerator(
             width=cfg.gen_width, num_stages=cfg.gen_stages, parsing_channels=cfg.num_regions,
             ad_hidden=cfg.ad_hidden, texture_levels=cfg.texture_levels,
-            norm_regions=cfg.norm_regions, background_index=cfg.background_index,
+            norm_regions=cfg.norm_regions, face_regions=cfg.face_regions,
             encoder_norm=cfg.encoder_norm, backend=backend,
         ).to(self.device)
         self.discriminator = MultiPatchDiscriminator(cfg.disc_width, cfg.disc_max_width,
