@@ -354,3 +354,12 @@ def test_state_dict_round_trip_resumes_identically(faces64):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.slow
+def test_generator_traces_as_one_graph():
+    # Dynamo tracing only (backend="eager"): no graph breaks in the model code itself.
+    gen = small_generator()
+    x, labels = torch.rand(1, 3, 32, 32), torch.zeros(1, 32, 32, dtype=torch.long)
+    compiled = torch.compile(gen, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, labels), gen(x, labels))

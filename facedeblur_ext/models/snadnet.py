@@ -25,6 +25,18 @@ Discriminator: spectral-norm blocks of two parallel stride-2 branches (4x4 and 3
 patch heads after the last three blocks (8x8, 4x4, 2x2 maps for 256 px inputs) and a global
 dense head.
 
+Where the paper leaves a detail open, this is what we chose:
+
+* the SNAD block's skip ("concatenating another output of SNAD") is the first SNAD layer's
+  output, reused;
+* the parsing map is resized to each feature size by area averaging (soft masks that keep each
+  region's mass) and the separable-norm foreground is facial parts + skin (the data
+  pipeline's face mask); ``norm_regions="parsing"`` normalizes all four regions separately;
+* Eq. 12 sums over ``N = 3`` texture predictions: one per texture extractor, at full, 1/2 and
+  1/4 resolution, each against the Laplacian of the target resized to that scale;
+* the SN block concatenates its two branches (half the channels each); the heads carry no
+  bias, which the relativistic loss cannot see.
+
 Size constraint: the generator needs H and W to be multiples of ``2 ** num_stages`` (16 by
 default); it raises a ValueError otherwise. The discriminator takes any size (each block
 gives ceil(H / 2) x ceil(W / 2)); the head map sizes above are those of a 256 px input.
