@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("facedeblur_ext.commands.info", "build information and available devices"),
     "selfcheck": ("facedeblur_ext.commands.selfcheck", "check that the native ops load and run"),
+    "synth": ("facedeblur_ext.commands.synth",
+              "write a synthetic blur data set (kernel, face-only or frame averaging)"),
     "train": ("facedeblur_ext.commands.train", "train a model (cfmd, ...) from a config file"),
     "deblur": ("facedeblur_ext.commands.deblur", "restore blurry face images with a checkpoint"),
 }
