@@ -322,6 +322,11 @@ def test_config_overrides():
     assert paper["loss"]["weights"] == {"q": 0.05, "ar": 0.05, "adv": 0.1, "pix": 1.0,
                                         "per": 0.01}
     assert paper["model"]["generator"]["blocks_per_stage"] == 8
+    assert paper["data"]["train"]["class"] == "facedeblur_ext.data:FrameStackDataset"
+    # The tiny config swaps the dataset class: its table replaces the default one whole.
+    tiny = load_config("cfmd", TINY_CONFIG)
+    assert "num_frames" not in tiny["data"]["train"]["args"]
+    assert tiny["model"]["discriminator"]["spectral_norm"] is True  # other tables merge
 
 
 def test_model_digest_sees_one_changed_value():
@@ -371,6 +376,23 @@ def test_training_steps_on_real_frames_reduce_the_loss():
     # ... and ends below the blurry input's own distance to the sharp frame: past learning to
     # copy the input, it starts to deblur.
     assert np.mean(losses[-3:]) < identity, (losses, identity)
+
+
+def test_trains_on_the_data_pipelines_fmr_frame_stacks(tmp_path):
+    """The trainer consumes facedeblur_ext.data.FrameStackDataset batches (target, target_u)."""
+    pytest.importorskip("mediapipe")
+    seen = []
+    cfg = tiny_config(
+        tmp_path, "data.collate=facedeblur_ext.data:collate_frame_stacks",
+        "data.train={class: 'facedeblur_ext.data:FrameStackDataset', args: {sources: ["
+        f"'{FRAMES}'], num_frames: 5, stride: 1, crop_size: 32, flip_prob: 0.0, "
+        "return_stack: false, return_masks: false}}",
+        "data.val=null", "train.max_steps=2")
+    trainer = Trainer(cfg, step_callback=lambda t: seen.append(t.step))
+    result = trainer.fit()
+    assert result["step"] == 2 and seen == [1, 2]
+    rows = (tmp_path / "train.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(np.isfinite(float(v)) for v in rows[-1].split(",")[2:])
 
 
 def _final_state(trainer):

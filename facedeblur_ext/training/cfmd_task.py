@@ -2,8 +2,10 @@
 
 Batches are dicts with ``blurry`` and ``sharp`` [B, 3, H, W] in [0, 1] and ``u`` [B] (the
 control factor of the sharp frame); an optional ``u_map`` [B, 1, H, W] replaces the constant
-plane built from ``u``. Each iteration updates D on (blurry, sharp) vs (blurry, G(blurry, u))
-and then G, as the paper alternates them.
+plane built from ``u``. Batches of ``facedeblur_ext.data.FrameStackDataset`` (FMR-ordered
+stacks, collated by ``collate_frame_stacks``) carry the training pair as ``target`` and
+``target_u`` instead; those take precedence. Each iteration updates D on (blurry, sharp) vs
+(blurry, G(blurry, u)) and then G, as the paper alternates them.
 """
 
 from __future__ import annotations
@@ -66,18 +68,26 @@ class CFMDTask(Task):
         }
 
     @staticmethod
-    def control_map(batch: dict) -> Tensor:
-        """``u_2D``: the batch's ``u_map`` or its ``u`` broadcast to [B, 1, H, W]."""
-        if "u_map" in batch:
-            return batch["u_map"].float()
-        b, _, h, w = batch["sharp"].shape
-        return batch["u"].float().view(b, 1, 1, 1).expand(b, 1, h, w)
+    def pair(batch: dict) -> tuple[Tensor, Tensor]:
+        """(sharp [B, 3, H, W], control: [B] or a [B, 1, H, W] map) of a batch."""
+        if "target" in batch:
+            return batch["target"], batch["target_u"]
+        return batch["sharp"], batch.get("u_map", batch["u"])
+
+    @classmethod
+    def control_map(cls, batch: dict) -> Tensor:
+        """``u_2D``: the batch's control map, or its ``u`` broadcast to [B, 1, H, W]."""
+        sharp, u = cls.pair(batch)
+        if u.dim() == 4:
+            return u.float()
+        b, _, h, w = sharp.shape
+        return u.float().view(b, 1, 1, 1).expand(b, 1, h, w)
 
     def training_step(self, models: dict[str, nn.Module], batch: dict,
                       ctx: StepContext) -> dict[str, float]:
         gen, disc = models["generator"], models["discriminator"]
-        blurry, sharp = batch["blurry"], batch["sharp"]
-        u = batch.get("u_map", batch["u"])
+        blurry = batch["blurry"]
+        sharp, u = self.pair(batch)
         u_map = self.control_map(batch)
         n = blurry.shape[0]
         with ctx.autocast():
@@ -101,8 +111,8 @@ class CFMDTask(Task):
         return logs
 
     def validation_pairs(self, models, batch):
-        gen = models["generator"]
-        yield gen.restore(batch["blurry"], batch.get("u_map", batch["u"])), batch["sharp"]
+        sharp, u = self.pair(batch)
+        yield models["generator"].restore(batch["blurry"], u), sharp
 
     @torch.no_grad()
     def preview(self, models, dataset) -> Tensor | None:
@@ -114,7 +124,7 @@ class CFMDTask(Task):
         picks = sorted({round(i * (len(dataset) - 1) / max(1, count - 1)) for i in range(count)})
         samples = [dataset[i] for i in picks]
         blurry = torch.stack([s["blurry"] for s in samples]).to(self.device)
-        sharp = torch.stack([s["sharp"] for s in samples]).to(self.device)
+        sharp = torch.stack([self.pair(s)[0] for s in samples]).to(self.device)
         frames = int(pcfg.get("frames", 7))
         from ..models.cfmd import control_sweep
 

@@ -52,10 +52,17 @@ def read_config(path) -> dict:
 
 
 def deep_merge(base: Mapping, update: Mapping) -> dict:
-    """Recursive merge: tables merge key by key, every other value in ``update`` replaces."""
+    """Recursive merge: tables merge key by key, every other value in ``update`` replaces.
+
+    A table that names a different ``class`` than the one it updates (a dataset swapped for
+    another) replaces it whole: the old class's arguments would not fit the new one.
+    """
     out = copy.deepcopy(dict(base))
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+        old = out.get(key)
+        swapped = (isinstance(value, Mapping) and isinstance(old, Mapping)
+                   and "class" in value and value.get("class") != old.get("class"))
+        if isinstance(value, Mapping) and isinstance(old, Mapping) and not swapped:
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -124,6 +124,12 @@ class Task:
         val = instantiate(data["val"]) if data.get("val") else None
         return train, val
 
+    def collate_fn(self):
+        """The DataLoader collate function: ``data.collate`` ("module:function") or None (torch's
+        default)."""
+        target = self.config.get("data", {}).get("collate")
+        return _import(target) if target else None
+
     def training_step(self, models: dict[str, nn.Module], batch: dict,
                       ctx: StepContext) -> dict[str, float]:
         """One iteration: forward, losses, and ``ctx.optimize`` for each optimizer.

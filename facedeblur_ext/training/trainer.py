@@ -346,8 +346,8 @@ class Trainer:
             for m in models.values():
                 m.eval()
             loader = DataLoader(self.val_set, batch_size=int(vcfg.get("batch_size", 4)),
-                                shuffle=False, num_workers=int(
-                                    self.config["train"].get("num_workers", 0)))
+                                shuffle=False, collate_fn=self.task.collate_fn(),
+                                num_workers=int(self.config["train"].get("num_workers", 0)))
             max_batches = vcfg.get("max_batches")
             psnrs, ssims = [], []
             with self.ctx.autocast():
@@ -392,6 +392,7 @@ class Trainer:
         self.loader_generator.manual_seed(int(self.config.get("seed", 0)) * 7919 + self.epoch)
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
                           num_workers=workers, drop_last=True,
+                          collate_fn=self.task.collate_fn(),
                           pin_memory=self.device.type == "cuda",
                           generator=self.loader_generator,
                           persistent_workers=False)
