@@ -1,5 +1,19 @@
 """Layers built on the fused ops, for embedding in other PyTorch models."""
 
 from .blur import KERNEL_TYPES, BlurConfig, BlurSynthesizer
+from .control_adaptive import (
+    ControlAdaptiveBlock,
+    ControlAdaptiveDeformConv2d,
+    resolve_backend,
+    set_backend,
+)
 
-__all__: list[str] = ["KERNEL_TYPES", "BlurConfig", "BlurSynthesizer"]
+__all__: list[str] = [
+    "ControlAdaptiveBlock",
+    "ControlAdaptiveDeformConv2d",
+    "resolve_backend",
+    "set_backend",
+    "KERNEL_TYPES",
+    "BlurConfig",
+    "BlurSynthesizer",
+]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .control_adaptive import BackendRef, resolve_backend
+
 KERNEL_TYPES = ("motion", "trajectory", "gaussian", "defocus")
 
 __all__ = ["KERNEL_TYPES", "BlurConfig", "BlurSynthesizer"]
@@ -143,16 +145,16 @@ class BlurSynthesizer(nn.Module):
         generator: torch.Generator for every random draw (kernel types, sizes, parameters,
             trajectories, noise); it must live on the device of the images passed to
             ``forward``. None uses torch's default generator of that device.
-        backend: namespace providing ``motion_kernels``, ``trajectory_kernels``,
-            ``gaussian_kernels``, ``defocus_kernels``, ``pad_kernels`` and ``blur_synthesize``;
-            None means ``facedeblur_ext.ops`` (``facedeblur_ref`` gives the reference).
+        backend: provider of ``motion_kernels``, ``trajectory_kernels``, ``gaussian_kernels``,
+            ``defocus_kernels``, ``pad_kernels`` and ``blur_synthesize``: None for
+            ``facedeblur_ext.ops``, a module or its import name (``"facedeblur_ref"`` gives the
+            reference); see ``nn.set_backend``.
     """
 
     def __init__(self, config: BlurConfig | Mapping | None = None,
                  generator: torch.Generator | None = None, backend=None) -> None:
         super().__init__()
-        if backend is None:
-            from .. import ops as backend
+        self._backend = BackendRef(resolve_backend(backend))
         if config is None:
             config = BlurConfig()
         elif isinstance(config, Mapping):
@@ -162,12 +164,16 @@ class BlurSynthesizer(nn.Module):
                             f"{type(config).__name__}")
         self.config = config
         self.generator = generator
-        self.backend = backend
+
+    @property
+    def backend(self):
+        """The op provider (None: ``facedeblur_ext.ops``)."""
+        return self._backend.target
 
     def extra_repr(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}"
                            for f in dataclasses.fields(self.config))
-        return f"config=BlurConfig({fields})"
+        return f"config=BlurConfig({fields}), backend={self._backend!r}"
 
     def manual_seed(self, seed: int) -> BlurSynthesizer:
         """Reseed (creating a CPU generator if there is none); returns self."""
@@ -188,7 +194,7 @@ class BlurSynthesizer(nn.Module):
             kernels [N, K, K] float32 on ``device`` (K the largest configured size) and the
             info dict of ``forward`` without ``noise_sigma`` and ``mask_used``.
         """
-        cfg, gen, be = self.config, self.generator, self.backend
+        cfg, gen, get = self.config, self.generator, self._backend.get
         device = torch.device(device)
         self._check_generator(device)
         f64 = torch.float64
@@ -219,25 +225,25 @@ class BlurSynthesizer(nn.Module):
                 idx = [i for i in range(n) if types[i] == kind and sizes[i] == size]
                 index = torch.tensor(idx, device=device)
                 if kind == 0:
-                    k = be.motion_kernels(lengths[index], angles[index], size, device=device)
+                    k = get("motion_kernels")(lengths[index], angles[index], size, device=device)
                     for i, length, angle in zip(idx, lengths[index].tolist(),
                                                 angles[index].tolist()):
                         params[i] = {"length": length, "angle": angle}
                 elif kind == 1:
-                    k = be.trajectory_kernels(
+                    k = get("trajectory_kernels")(
                         len(idx), size, anxiety=cfg.trajectory_anxiety,
                         max_length=cfg.trajectory_length, exposure=cfg.trajectory_exposure,
                         num_steps=cfg.trajectory_steps, centering=cfg.trajectory_centering,
                         generator=gen, device=device)
                 elif kind == 2:
-                    k = be.gaussian_kernels(sigmas[index], size, device=device)
+                    k = get("gaussian_kernels")(sigmas[index], size, device=device)
                     for i, sigma in zip(idx, sigmas[index].tolist()):
                         params[i] = {"sigma": sigma}
                 else:
-                    k = be.defocus_kernels(radii[index], size, device=device)
+                    k = get("defocus_kernels")(radii[index], size, device=device)
                     for i, radius in zip(idx, radii[index].tolist()):
                         params[i] = {"radius": radius}
-                kernels[index] = be.pad_kernels(list(k.float()), (kmax, kmax))
+                kernels[index] = get("pad_kernels")(list(k.float()), (kmax, kmax))
         info = {"kernels": kernels, "kernel_types": [KERNEL_TYPES[t] for t in types],
                 "kernel_sizes": torch.tensor(sizes, dtype=torch.int64, device=device),
                 "params": params}
@@ -273,7 +279,7 @@ class BlurSynthesizer(nn.Module):
             mask = mask.to(torch.float64 if images.dtype == torch.float64 else torch.float32)
             keep = mask_used.to(mask.dtype).view(-1, 1, 1, 1)
             mask = mask * keep + (1 - keep)  # a sample not using the mask blurs everywhere
-        out = self.backend.blur_synthesize(
+        out = self._backend.get("blur_synthesize")(
             images, kernels.to(torch.float64 if images.dtype == torch.float64 else torch.float32),
             mask=mask, noise_sigma=noise_sigma, crf_gamma=cfg.crf_gamma, quantize=cfg.quantize,
             border=cfg.border, generator=gen)
