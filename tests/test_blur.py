@@ -712,3 +712,19 @@ def test_cuda_blur_backward_matches_cpu(border):
     torch.testing.assert_close(
         OP.average_frames_backward(g.cuda(), frames.cuda(), counts.cuda(), 2.2).cpu(),
         OP.average_frames_backward(g, frames, counts, 2.2))
+
+
+@pytest.mark.cuda
+def test_opcheck_cuda():
+    x, k, weights, mask = _grad_inputs("cuda", True)
+    torch.library.opcheck(OP.blur_synthesize,
+                          (x, k, weights, mask, None, None, 2.2, False, "reflect"))
+    torch.library.opcheck(OP.blur_synthesize,
+                          ((x.detach() * 255).to(torch.uint8), k[:, :1].detach().float(), None,
+                           None, None, None, None, False, "zeros"))
+    params, su, sn = ops.blur.trajectory_random_inputs(
+        3, 11, num_steps=50, generator=torch.Generator("cuda").manual_seed(0), device="cuda")
+    torch.library.opcheck(OP.trajectory_kernels, (params, su, sn, 11, 0, torch.float32))
+    frames = torch.rand(2, 4, 2, 5, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    torch.library.opcheck(OP.average_frames,
+                          (frames, torch.tensor([4, 2], device="cuda"), 2.2))

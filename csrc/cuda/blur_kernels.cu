@@ -413,7 +413,7 @@ template <typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kTileThreads) blur_forward_k(
     BlurParams<acc_t> p, const in_t* __restrict__ images, in_t* __restrict__ out,
     const acc_t* __restrict__ noise, const acc_t* __restrict__ noise_sigma, bool quantize) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const BlurShape s = p.s;
   const int SH = kTileH + static_cast<int>(s.Kh) - 1, SW = kTileW + static_cast<int>(s.Kw) - 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -468,7 +468,7 @@ template <typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kTileThreads) blur_backward_pixels_k(
     BlurParams<acc_t> p, const in_t* __restrict__ grad, const in_t* __restrict__ images,
     acc_t* grad_weights, acc_t* grad_mask, acc_t* lin_out, acc_t* hw, acc_t* direct) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const BlurShape s = p.s;
   const int SH = kTileH + static_cast<int>(s.Kh) - 1, SW = kTileW + static_cast<int>(s.Kw) - 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -531,7 +531,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kTileThreads) blur_backward_padded_k(
     BlurShape s, const Tap<acc_t>* __restrict__ taps_t, const int* __restrict__ counts,
     const acc_t* __restrict__ hw, acc_t* __restrict__ grad_padded) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int SH = kTileH + static_cast<int>(s.Kh) - 1, SW = kTileW + static_cast<int>(s.Kw) - 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
   const int cy = static_cast<int>((s.Kh - 1) / 2), cx = static_cast<int>((s.Kw - 1) / 2);
