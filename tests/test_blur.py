@@ -273,7 +273,10 @@ def test_blur_matches_reference(device, border, dtype):
     mask = torch.rand(n, 1, h, w, generator=torch.Generator().manual_seed(5)).to(device)
     options = [dict(), dict(mask=mask), dict(mask=mask, crf_gamma=2.2), dict(quantize=True),
                dict(noise_sigma=[0.01, 0.03, 0.0]), dict(noise_sigma=0.02, crf_gamma=1.8)]
-    for kh, kw in [(5, 5), (4, 6), (1, 1), (9, 3), (7, 7)]:
+    shapes = [(5, 5), (4, 6), (1, 1), (9, 3), (7, 7)]
+    if dtype in (torch.uint8, torch.float16):  # the float32 runs cover the geometry
+        shapes = [(4, 6), (7, 7)]
+    for kh, kw in shapes:
         k = _unit_kernels(n, kh, kw, device, sparse=(kh == 7))
         for kwargs in options:
             got = ops.blur_synthesize(x, k, border=border, **kwargs,
