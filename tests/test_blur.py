@@ -662,6 +662,12 @@ def test_cuda_generators_match_cpu():
                                    ops.gaussian_kernels(lengths / 8, size), rtol=0, atol=1e-7)
     half = ops.motion_kernels(lengths, angles, 15, device="cuda", dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
+    # long walks: the launcher generates in chunks of 4 kernels here (64 MiB of positions)
+    params, su, sn = ops.blur.trajectory_random_inputs(
+        9, 25, num_steps=1_000_001, generator=torch.Generator().manual_seed(1))
+    cpu = OP.trajectory_kernels(params, su, sn, 25, 1, torch.float64)
+    gpu = OP.trajectory_kernels(params.cuda(), su.cuda(), sn.cuda(), 25, 1, torch.float64)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-8)
 
 
 @pytest.mark.cuda

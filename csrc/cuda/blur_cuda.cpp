@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
@@ -112,14 +113,23 @@ at::Tensor trajectory_kernels_cuda(const at::Tensor& params, const at::Tensor& s
   const at::Tensor P = params.contiguous(), U = step_uniform.contiguous(),
                    G = step_normal.contiguous();
   const int64_t N = P.size(0), T = U.size(1) + 1;
-  at::Tensor positions = at::empty({N, 2, T}, P.options());
   at::Tensor out = at::empty({N, size, size}, P.options().dtype(dtype));
-  check_launch(bc::launch_trajectory_kernels(
-                   P.data_ptr<double>(), U.data_ptr(), G.data_ptr(),
-                   U.scalar_type() == at::kDouble, N, T, static_cast<int>(size),
-                   static_cast<int>(centering), positions.data_ptr<double>(), out.data_ptr(),
-                   to_dtype(dtype), c10::cuda::getCurrentCUDAStream()),
-               op);
+  // The walks' positions are scratch: bound it to 64 MiB by generating in chunks.
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{64} << 20) / (16 * T));
+  at::Tensor positions = at::empty({std::min(N, chunk), 2, T}, P.options());
+  const int64_t rand_elem = U.element_size();
+  for (int64_t begin = 0; begin < N; begin += chunk) {
+    const int64_t count = std::min(chunk, N - begin);
+    check_launch(bc::launch_trajectory_kernels(
+                     P.data_ptr<double>() + begin * blur::kTrajectoryParamCount,
+                     static_cast<const char*>(U.data_ptr()) + begin * (T - 1) * rand_elem,
+                     static_cast<const char*>(G.data_ptr()) + begin * (T - 1) * 2 * rand_elem,
+                     U.scalar_type() == at::kDouble, count, T, static_cast<int>(size),
+                     static_cast<int>(centering), positions.data_ptr<double>(),
+                     static_cast<char*>(out.data_ptr()) + begin * size * size * out.element_size(),
+                     to_dtype(dtype), c10::cuda::getCurrentCUDAStream()),
+                 op);
+  }
   return out;
 }
 
