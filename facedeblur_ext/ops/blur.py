@@ -36,6 +36,7 @@ __all__ = [
     "motion_kernels",
     "pad_kernels",
     "trajectory_kernels",
+    "trajectory_random_inputs",
 ]
 
 _OPS = torch.ops.facedeblur_ext
