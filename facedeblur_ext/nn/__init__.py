@@ -1,3 +1,5 @@
 """Layers built on the fused ops, for embedding in other PyTorch models."""
 
-__all__: list[str] = []
+from .separable_norm import SeparableNorm2d, SNADLayer
+
+__all__: list[str] = ["SeparableNorm2d", "SNADLayer"]
