@@ -256,21 +256,23 @@ FACEDEBLUR_CPU_CLONES void plane_grad_apply(const scalar_t* g, const scalar_t* x
       const scalar_t mu = mean[r], s = rstd[r];
       const scalar_t a = coef[4 * r + 0], b = coef[4 * r + 1], k = coef[4 * r + 2];
       const scalar_t* mc = masks + r * P + p0;
-      if (dx != nullptr || dgamma != nullptr) {
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const scalar_t xh = (xc[i] - mu) * s;
-          dxb[i] += mc[i] * s * (gy[i] - a - b * xh);
-          yb[i] += mc[i] * xh;
-        }
-      }
       if (dmask != nullptr) {
         scalar_t* dmc = dmask + r * P + p0;
         const scalar_t half_b = scalar_t(0.5) * b;
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) {
           const scalar_t xh = (xc[i] - mu) * s;
-          dmc[i] += xh * (gy[i] - a) - half_b * (xh * xh - k);
+          const scalar_t gya = gy[i] - a;
+          dxb[i] += mc[i] * s * (gya - b * xh);
+          yb[i] += mc[i] * xh;
+          dmc[i] += xh * gya - half_b * (xh * xh - k);
+        }
+      } else if (dx != nullptr || dgamma != nullptr) {
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const scalar_t xh = (xc[i] - mu) * s;
+          dxb[i] += mc[i] * s * (gy[i] - a - b * xh);
+          yb[i] += mc[i] * xh;
         }
       }
     }

@@ -53,6 +53,8 @@ void check_cuda_input(const char* op, const at::Tensor& x, const Prepared& p) {
   TORCH_CHECK(p.R <= kern::kMaxRegions, op, ": at most ", kern::kMaxRegions,
               " regions on CUDA, got ", p.R);
   TORCH_CHECK(p.N <= kMaxBatch, op, ": at most ", kMaxBatch, " samples on CUDA, got ", p.N);
+  // Other grid limits (N * C and H * W / 32 below 2^31, C below 2M) are far beyond feature maps
+  // that fit in memory; the launcher refuses them with cudaErrorInvalidValue.
 }
 
 void check_dtype(const char* op, const at::Tensor& x) {

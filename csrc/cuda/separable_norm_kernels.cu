@@ -876,7 +876,10 @@ cudaError_t backward_typed(const Shape& s, const BackwardArgs& a, void* workspac
 }
 
 bool shape_supported(const Shape& s) {
-  return s.R >= 1 && s.R <= kMaxRegions && s.N <= kMaxGridYZ && s.P > 0 && s.C > 0;
+  constexpr int64_t kMaxGridX = 2147483647;
+  return s.R >= 1 && s.R <= kMaxRegions && s.N >= 1 && s.N <= kMaxGridYZ && s.P > 0 &&
+         s.C > 0 && s.N * s.C <= kMaxGridX && ceil_div(s.C, kWarp) <= kMaxGridYZ &&
+         ceil_div(s.P, kWarp) <= kMaxGridX;
 }
 
 }  // namespace
