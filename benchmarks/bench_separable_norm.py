@@ -39,12 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import facedeblur_ref
 import pytest
 import torch
 import torch.nn.functional as F
 
 import facedeblur_ext
-import facedeblur_ref
 from facedeblur_ext import ops
 
 SHAPES = [(8, 64, 128, 128), (8, 128, 64, 64), (8, 256, 32, 32)]
