@@ -160,6 +160,16 @@ def summary(results):
     return out
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -177,8 +187,7 @@ def main(argv=None) -> int:
         "benchmark": "separable_norm",
         "command": " ".join(["python", *map(shlex.quote, sys.argv)]),
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"{platform.processor() or platform.machine()} "
-                        f"({os.cpu_count()} cpus visible)"),
+                   else f"{cpu_model()} ({os.cpu_count()} cpus visible)"),
         "device_type": device.type,
         "torch_threads": torch.get_num_threads() if device.type == "cpu" else None,
         "dtype": args.dtype,
