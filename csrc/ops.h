@@ -3,4 +3,8 @@
 // implemented in that family's schema file and called from library.cpp.
 #include <torch/library.h>
 
-namespace facedeblur {}  // namespace facedeblur
+namespace facedeblur {
+
+void define_separable_norm(torch::Library& m);
+
+}  // namespace facedeblur

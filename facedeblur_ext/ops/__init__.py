@@ -5,5 +5,6 @@ package (``python/`` in the repository), used as the test oracle and benchmark b
 """
 
 from ._selfcheck import SELF_CHECKS, register_self_check
+from .separable_norm import labels_to_masks, separable_norm
 
-__all__ = ["SELF_CHECKS", "register_self_check"]
+__all__ = ["SELF_CHECKS", "register_self_check", "separable_norm", "labels_to_masks"]
