@@ -5,6 +5,7 @@
 
 namespace facedeblur {
 
+void define_separable_norm(torch::Library& m);
 void define_blur(torch::Library& m);
 
 }  // namespace facedeblur

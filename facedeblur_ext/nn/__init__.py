@@ -7,10 +7,13 @@ from .control_adaptive import (
     resolve_backend,
     set_backend,
 )
+from .separable_norm import SeparableNorm2d, SNADLayer
 
 __all__: list[str] = [
     "ControlAdaptiveBlock",
     "ControlAdaptiveDeformConv2d",
+    "SeparableNorm2d",
+    "SNADLayer",
     "resolve_backend",
     "set_backend",
     "KERNEL_TYPES",

@@ -14,10 +14,13 @@ from .blur import (
     pad_kernels,
     trajectory_kernels,
 )
+from .separable_norm import labels_to_masks, separable_norm
 
 __all__ = [
     "SELF_CHECKS",
     "register_self_check",
+    "separable_norm",
+    "labels_to_masks",
     "average_frames",
     "blur_synthesize",
     "defocus_kernels",
