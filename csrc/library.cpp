@@ -6,4 +6,5 @@
 
 TORCH_LIBRARY(facedeblur_ext, m) {
   (void)m;
+  facedeblur::define_modulated_deform_conv(m);
 }

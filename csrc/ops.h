@@ -3,4 +3,9 @@
 // implemented in that family's schema file and called from library.cpp.
 #include <torch/library.h>
 
-namespace facedeblur {}  // namespace facedeblur
+namespace facedeblur {
+
+// csrc/modulated_deform_conv.cpp
+void define_modulated_deform_conv(torch::Library& m);
+
+}  // namespace facedeblur

@@ -5,5 +5,6 @@ package (``python/`` in the repository), used as the test oracle and benchmark b
 """
 
 from ._selfcheck import SELF_CHECKS, register_self_check
+from .modulated_deform_conv import modulated_deform_conv2d
 
-__all__ = ["SELF_CHECKS", "register_self_check"]
+__all__ = ["SELF_CHECKS", "register_self_check", "modulated_deform_conv2d"]
