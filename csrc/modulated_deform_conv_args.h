@@ -6,6 +6,9 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
+#include <array>
+#include <cstdlib>
+
 #include "common/checks.h"
 
 namespace facedeblur {
@@ -113,6 +116,39 @@ inline DeformConvGeometry check_modulated_deform_conv_args(
                 " entries, got ", b.size(0));
   }
   return g;
+}
+
+// Which gradients the backward op computes (its output_mask, with the mask gradient dropped
+// when there is no mask).
+struct GradRequest {
+  bool input, offset, mask, weight, bias;
+};
+
+inline GradRequest check_modulated_deform_conv_backward_args(
+    const char* op, const DeformConvGeometry& g, const at::Tensor& grad_output,
+    const at::Tensor& input, const c10::optional<at::Tensor>& mask,
+    const std::array<bool, 5>& output_mask) {
+  check_dim(grad_output, 4, op, "grad_output");
+  check_same_device(input, grad_output, op, "grad_output");
+  check_same_dtype(input, grad_output, op, "grad_output");
+  TORCH_CHECK(grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
+                  grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
+              op, ": grad_output must be [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ",
+              g.out_w, "], got ", grad_output.sizes());
+  TORCH_CHECK(!output_mask[2] || mask.has_value(), op,
+              ": the mask gradient was requested but no mask was given");
+  return {output_mask[0], output_mask[1], output_mask[2] && mask.has_value(), output_mask[3],
+          output_mask[4]};
+}
+
+// Column-tile budget in elements; FACEDEBLUR_DEFORM_TILE_ELEMENTS overrides the device's
+// default (tests use tiny tiles to exercise tile edges; also a tuning knob).
+inline int64_t deform_tile_elements(int64_t default_elements) {
+  if (const char* env = std::getenv("FACEDEBLUR_DEFORM_TILE_ELEMENTS")) {
+    const long long value = std::atoll(env);
+    if (value > 0) return static_cast<int64_t>(value);
+  }
+  return default_elements;
 }
 
 }  // namespace facedeblur

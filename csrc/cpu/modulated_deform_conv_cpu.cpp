@@ -31,7 +31,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -52,18 +51,8 @@ namespace {
 constexpr const char* kOp = "modulated_deform_conv2d";
 
 // Column tile budget in elements (512 KiB in float32): large enough for efficient GEMMs,
-// small enough to stay in L2 next to the sampled image rows. The environment variable
-// FACEDEBLUR_DEFORM_TILE_ELEMENTS overrides it (tests use tiny tiles to exercise tile edges;
-// also a tuning knob).
+// small enough to stay in L2 next to the sampled image rows.
 constexpr int64_t kTileElements = int64_t{1} << 17;
-
-int64_t tile_elements() {
-  if (const char* env = std::getenv("FACEDEBLUR_DEFORM_TILE_ELEMENTS")) {
-    const long long value = std::atoll(env);
-    if (value > 0) return static_cast<int64_t>(value);
-  }
-  return kTileElements;
-}
 
 // One sampling point: (output pixel, offset group, tap).
 template <typename T>
@@ -123,7 +112,7 @@ Problem<T> make_problem(const DeformConvGeometry& g, const at::Tensor& offset,
     }
   }
   const int64_t per_pixel = std::max<int64_t>(1, g.in_channels * taps);
-  const int64_t budget = tile_elements();
+  const int64_t budget = deform_tile_elements(kTileElements);
   int64_t tile = std::max<int64_t>(1, budget / per_pixel);
   if (budget >= 16 * per_pixel) tile = tile / 16 * 16;  // whole SIMD/GEMM blocks
   p.tile = std::min(tile, g.out_pixels());
@@ -522,10 +511,6 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset,
 // Backward
 // ----------------------------------------------------------------------------------------
 
-struct GradRequest {
-  bool input, offset, mask, weight, bias;
-};
-
 template <typename T>
 struct BackwardContext {
   const Problem<T>* p;
@@ -729,17 +714,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const DeformConvGeometry g = check_modulated_deform_conv_args(
       op, input, offset, weight, c10::nullopt, mask, stride, padding, dilation);
   check_cpu_args(input);
-  check_dim(grad_output, 4, op, "grad_output");
-  check_same_device(input, grad_output, op, "grad_output");
-  check_same_dtype(input, grad_output, op, "grad_output");
-  TORCH_CHECK(grad_output.size(0) == g.batch && grad_output.size(1) == g.out_channels &&
-                  grad_output.size(2) == g.out_h && grad_output.size(3) == g.out_w,
-              op, ": grad_output must be [", g.batch, ", ", g.out_channels, ", ", g.out_h, ", ",
-              g.out_w, "], got ", grad_output.sizes());
-  TORCH_CHECK(!output_mask[2] || mask.has_value(), op,
-              ": the mask gradient was requested but no mask was given");
-  const GradRequest want{output_mask[0], output_mask[1], output_mask[2] && mask.has_value(),
-                         output_mask[3], output_mask[4]};
+  const GradRequest want =
+      check_modulated_deform_conv_backward_args(op, g, grad_output, input, mask, output_mask);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool cl = prefers_channels_last(input);
   const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
