@@ -1,3 +1,5 @@
 """Layers built on the fused ops, for embedding in other PyTorch models."""
 
-__all__: list[str] = []
+from .deform_conv import ConditionedDeformConv2d, ModulatedDeformConv2d
+
+__all__: list[str] = ["ModulatedDeformConv2d", "ConditionedDeformConv2d"]

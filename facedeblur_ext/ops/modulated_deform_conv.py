@@ -178,15 +178,16 @@ def _forward_fake(input, offset, weight, bias, mask, stride, padding, dilation):
     w_out = _output_size(w, kw, stride[1], padding[1], dilation[1])
     torch._check(h_out > 0 and w_out > 0, lambda: "modulated_deform_conv2d: input too small")
     fmt = torch.channels_last if _prefers_channels_last(input) else torch.contiguous_format
-    return input.new_empty((n, c_out, h_out, w_out), memory_format=fmt)
+    return torch.empty((n, c_out, h_out, w_out), dtype=input.dtype, device=input.device,
+                       memory_format=fmt)
 
 
 @torch.library.register_fake(_BACKWARD_NAME)
 def _backward_fake(grad_output, input, offset, weight, mask, stride, padding, dilation,
                    output_mask, deterministic):
     fmt = torch.channels_last if _prefers_channels_last(input) else torch.contiguous_format
-    grad_input = (input.new_empty(input.shape, memory_format=fmt) if output_mask[0]
-                  else input.new_empty(0))
+    grad_input = (torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                              memory_format=fmt) if output_mask[0] else input.new_empty(0))
     grad_offset = offset.new_empty(offset.shape) if output_mask[1] else input.new_empty(0)
     grad_mask = (mask.new_empty(mask.shape) if output_mask[2] and mask is not None
                  else input.new_empty(0))
