@@ -125,14 +125,16 @@ def test_matches_reference_float32(name, device):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("tile_elements", ["1", "150", "1000"])
+@pytest.mark.parametrize("tile_elements", ["1", "1000"])
 def test_tile_edges_and_thread_splits(monkeypatch, threads, batch, tile_elements):
     """Tiny tiles (partial last tiles, tiles split between threads, private gradients)."""
     monkeypatch.setenv("FACEDEBLUR_DEFORM_TILE_ELEMENTS", tile_elements)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _assert_matches_reference(Case(batch=batch, in_channels=4, size=(8, 7), offset_groups=2))
+        # Large enough (N * H_out * W_out * C * kh * kw >= 2^16) for the kernels to use threads.
+        _assert_matches_reference(Case(batch=batch, in_channels=8, size=(32, 33),
+                                       offset_groups=2))
     finally:
         torch.set_num_threads(previous)
 

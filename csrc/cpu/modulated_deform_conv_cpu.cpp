@@ -37,10 +37,14 @@
 #include "common/checks.h"
 #include "modulated_deform_conv_args.h"
 
-// Hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at load
-// time (GCC/Clang function multiversioning); other compilers get the baseline only.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__INTEL_COMPILER)
-#define FACEDEBLUR_SIMD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// Hot loops are compiled twice, for x86-64-v3 (AVX2+FMA) and for the baseline ISA, and picked
+// at load time by CPU features (GCC function multiversioning; "arch=haswell" would not do:
+// GCC dispatches named CPUs by model, so AMD processors would get the baseline). Clang gets an
+// AVX2 clone, other compilers the baseline only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define FACEDEBLUR_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__clang__)
+#define FACEDEBLUR_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define FACEDEBLUR_SIMD_CLONES
 #endif
@@ -366,8 +370,15 @@ struct Split {
   int64_t chunks;
 };
 
-Split choose_split(int64_t batch, int64_t tiles, int64_t max_tile_chunks) {
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+// Below this many sampled elements (N * H_out * W_out * C * kh * kw) one thread does it all:
+// waking a thread team costs more than the work.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+Split choose_split(const DeformConvGeometry& g, int64_t tiles, int64_t max_tile_chunks) {
+  const int64_t batch = g.batch;
+  const int64_t work = batch * g.out_pixels() * g.in_channels * g.taps();
+  const int64_t threads =
+      work < kMinParallelWork ? 1 : std::max<int64_t>(1, at::get_num_threads());
   if (batch >= threads || tiles < 2 || threads == 1) {
     return {true, std::min(batch, threads)};
   }
@@ -427,7 +438,7 @@ void forward_impl(const DeformConvGeometry& g, const at::Tensor& input, const at
   const PixelLayout ol = pixel_layout(g.out_channels, g.out_pixels(), out_cl);
   T* out_ptr = out.data_ptr<T>();
 
-  const Split split = choose_split(g.batch, p.tiles, p.tiles);
+  const Split split = choose_split(g, p.tiles, p.tiles);
   ScratchLayout layout;
   const int64_t at_samples = layout.add(p.tile * g.offset_groups * taps * sizeof(Sample<T>));
   const int64_t at_col = layout.add(p.tile * channels * taps * sizeof(T));
@@ -604,7 +615,7 @@ void backward_impl(const DeformConvGeometry& g, const at::Tensor& gout, bool cl,
   // Private input-gradient images per chunk when tiles of one image are split: at most
   // max(2, taps) of them, so they never exceed one image's im2col buffer.
   const Split split =
-      choose_split(g.batch, p.tiles, want.input ? std::max<int64_t>(2, taps) : p.tiles);
+      choose_split(g, p.tiles, want.input ? std::max<int64_t>(2, taps) : p.tiles);
   const int64_t image_elems = g.height * g.width * channels;
   // The input gradient goes straight into grad_input when one chunk owns the image and
   // grad_input is channels_last; otherwise into a per-chunk [H*W][C] buffer.
