@@ -272,7 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                                                         keys.data_ptr<int64_t>(),
                                                         weights.data_ptr(), stream));
         // Stable: equal keys keep entry order, so every sum below has a fixed order.
-        auto [sorted_keys, permutation] = at::sort(keys, /*stable=*/true, /*dim=*/0);
+        // (std::optional spelled out: a plain `true` would select sort(self, dim, descending).)
+        auto [sorted_keys, permutation] =
+            at::sort(keys, std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
         at::Tensor starts = at::empty({key_count + 1}, opts.dtype(at::kLong));
         C10_CUDA_CHECK(kernels::launch_mdc_segment_starts(sorted_keys.data_ptr<int64_t>(),
                                                           entries, key_count,
