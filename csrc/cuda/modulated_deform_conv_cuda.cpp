@@ -15,6 +15,9 @@
 // input gradient is gathered instead: the (destination pixel, contribution) entries of the
 // tile are stably sorted by destination and each input element sums its own entries in a
 // fixed order, with no floating-point atomics.
+//
+// The sampling kernels read NCHW planes: a channels_last input is copied to NCHW first (the
+// output and input gradient are still channels_last, like the input).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -139,7 +139,7 @@ __global__ void backward_samples_kernel(MdcShape s, MdcInputs in, MdcTile tile,
                                         const scalar_t* __restrict__ grad_columns,
                                         MdcBackwardOutputs out) {
   using acc_t = typename AccOf<scalar_t>::type;
-  extern __shared__ unsigned char shared_raw[];
+  extern __shared__ __align__(16) unsigned char shared_raw[];
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
   const bool active = t < tile.pixels;
   const int k = blockIdx.y;
