@@ -139,6 +139,20 @@ def test_tile_edges_and_thread_splits(monkeypatch, threads, batch, tile_elements
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("device", device_params())
+def test_matches_torchvision_where_it_imports(device):
+    """Same numbers as torchvision's deform_conv2d (away from samples exactly at -1)."""
+    tv_ops = pytest.importorskip("torchvision.ops")
+    case = CASES["groups_and_offset_groups"]
+    tensors = case.tensors(dtype=torch.float64, device=device)
+    ours = case.call(modulated_deform_conv2d, *tensors)
+    theirs = case.call(tv_ops.deform_conv2d, *tensors)
+    torch.testing.assert_close(ours, theirs)
+    grad = torch.randn_like(ours)
+    for a, b in zip(_grads(ours, tensors, grad), _grads(theirs, tensors, grad)):
+        torch.testing.assert_close(a, b)
+
+
 def test_batch_zero():
     case = Case(batch=0)
     x, offset, weight, bias, mask = case.tensors()
