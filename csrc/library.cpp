@@ -6,5 +6,6 @@
 
 TORCH_LIBRARY(facedeblur_ext, m) {
   (void)m;
+  facedeblur::define_separable_norm(m);
   facedeblur::define_modulated_deform_conv(m);
 }

@@ -5,6 +5,8 @@
 
 namespace facedeblur {
 
+void define_separable_norm(torch::Library& m);
+
 // csrc/modulated_deform_conv.cpp
 void define_modulated_deform_conv(torch::Library& m);
 

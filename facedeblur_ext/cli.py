@@ -15,6 +15,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("facedeblur_ext.commands.info", "build information and available devices"),
     "selfcheck": ("facedeblur_ext.commands.selfcheck", "check that the native ops load and run"),
+    "synth": ("facedeblur_ext.commands.synth",
+              "write a synthetic blur data set (kernel, face-only or frame averaging)"),
+    "train": ("facedeblur_ext.commands.train", "train a model (cfmd, ...) from a config file"),
+    "deblur": ("facedeblur_ext.commands.deblur", "restore blurry face images with a checkpoint"),
 }
 
 
@@ -49,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"facedeblur {name}", description=help_text)
     module.configure(sub_parser)
-    args = sub_parser.parse_args(rest)
+    # A module may parse its own way (e.g. key=value overrides mixed with options).
+    parse = getattr(module, "parse_args", None)
+    args = parse(sub_parser, rest) if parse is not None else sub_parser.parse_args(rest)
     return int(module.run(args) or 0)
 
 

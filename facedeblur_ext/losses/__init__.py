@@ -1,1 +1,14 @@
 """facedeblur_ext.losses."""
+
+from .adversarial import discriminator_loss, generator_adversarial_loss
+from .cfmd import CFMDObjective, build_perceptual_loss
+from .pixel import charbonnier_loss, multiscale_charbonnier_loss
+
+__all__ = [
+    "CFMDObjective",
+    "build_perceptual_loss",
+    "charbonnier_loss",
+    "discriminator_loss",
+    "generator_adversarial_loss",
+    "multiscale_charbonnier_loss",
+]

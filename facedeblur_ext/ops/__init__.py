@@ -6,5 +6,7 @@ package (``python/`` in the repository), used as the test oracle and benchmark b
 
 from ._selfcheck import SELF_CHECKS, register_self_check
 from .modulated_deform_conv import modulated_deform_conv2d
+from .separable_norm import labels_to_masks, separable_norm
 
-__all__ = ["SELF_CHECKS", "register_self_check", "modulated_deform_conv2d"]
+__all__ = ["SELF_CHECKS", "register_self_check", "separable_norm", "labels_to_masks",
+           "modulated_deform_conv2d"]

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One pass on a GPU machine: build the CUDA extension, run the CUDA tests, run
+# compute-sanitizer (memcheck, racecheck) over the kernel tests, run the benchmarks.
+# Everything lands in $OUT (default benchmarks/results/gpu-latest) as at most 8 files:
+#   env.json, build.log, cuda_tests.log, sanitizer.log, bench_cuda.json, bench.log
+# Usage (repo root, on the GPU machine): OUT=/some/dir bash benchmarks/gpu_run.sh
+# Environment: TORCH_CUDA_ARCH_LIST (default 9.0), PYTHON (default python3),
+#   BENCH_FILTER (pytest -k expression for the benchmarks, default "cuda").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-latest}
+mkdir -p "$OUT"
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 FACEDEBLUR_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+kernel_tests=(tests/test_modulated_deform_conv.py tests/test_separable_norm.py tests/test_blur.py)
+existing_kernel_tests=()
+for t in "${kernel_tests[@]}"; do [ -f "$t" ] && existing_kernel_tests+=("$t"); done
+
+"$py" - >"$OUT/env.json" <<'PY'
+import json, platform, subprocess, torch
+info = {"python": platform.python_version(), "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability(0)))}
+try:
+    info["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                                         "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+except OSError:
+    pass
+print(json.dumps(info, indent=2))
+PY
+
+start=$(date +%s)
+echo "::: build" | tee "$OUT/build.log"
+MAX_JOBS=${MAX_JOBS:-16} "$py" setup.py build_ext --inplace >>"$OUT/build.log" 2>&1
+build_rc=$?
+"$py" -c "import facedeblur_ext as f; print(f.build_info())" >>"$OUT/build.log" 2>&1
+bash scripts/nvcc_check.sh >>"$OUT/build.log" 2>&1
+echo "build rc=$build_rc ($(( $(date +%s) - start )) s)" | tee -a "$OUT/build.log"
+[ $build_rc -eq 0 ] || exit $build_rc
+
+echo "::: CUDA tests"
+"$py" -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/cuda_tests.log" | tail -n 5
+
+echo "::: compute-sanitizer"
+: >"$OUT/sanitizer.log"
+if command -v compute-sanitizer >/dev/null 2>&1 && [ ${#existing_kernel_tests[@]} -gt 0 ]; then
+  for tool in memcheck racecheck; do
+    echo "=== $tool" >>"$OUT/sanitizer.log"
+    # The caching allocator hides out-of-bounds accesses inside its blocks: turn it off.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 900 compute-sanitizer --tool "$tool" \
+      --error-exitcode 7 --print-limit 20 "$py" -m pytest -q -p no:cacheprovider -x \
+      -m cuda -k "not large and not compile and not opcheck" "${existing_kernel_tests[@]}" \
+      >>"$OUT/sanitizer.log" 2>&1
+    echo "=== $tool rc=$?" >>"$OUT/sanitizer.log"
+  done
+fi
+grep "=== " "$OUT/sanitizer.log"
+
+echo "::: benchmarks"
+"$py" -m pytest -q -p no:cacheprovider benchmarks -k "${BENCH_FILTER:-cuda}" \
+  --benchmark-json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log" | tail -n 30
+echo "total $(( $(date +%s) - start )) s"

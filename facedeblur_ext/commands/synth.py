@@ -1,0 +1,389 @@
+"""``facedeblur synth``: write a synthetic blur data set (PNG pairs, masks and a manifest).
+
+Modes:
+
+- ``kernel``: every input image blurred as a whole by ``facedeblur_ext.nn.BlurSynthesizer``.
+- ``face-only``: the same kernels (same seed) applied only inside the feathered face mask,
+  the background staying sharp (thesis 002).
+- ``frames``: consecutive frames of videos or frame folders averaged with a gamma CRF
+  (paper 003 Eq. 5); the sharp frames are written in FMR order with their control factors.
+
+Layout of ``--output``::
+
+    blurry/<item>.png            the blurred image
+    sharp/<item>.png             kernel modes: the sharp image
+    sharp/<item>/<rank>.png      frames mode: sharp frames in FMR order, rank 00 has u = 0
+    masks/<item>_face.png        feathered face mask (frames mode: union over the frames)
+    masks/<item>_parsing.png     kernel modes: parsing labels (ids of PARSING_CLASSES)
+    kernels/<item>__<key>.npy    kernel modes: arrays from the synthesizer's info (kernels)
+    records/<item>.json          per-item record, written last: its presence marks the item done
+    manifest.json                settings, all records and the skipped inputs with reasons
+
+Every file is written atomically, so an interrupted run leaves no torn files and a rerun skips
+the items that have a record (resumable). Unusable inputs (unreadable, grayscale, with alpha,
+too small, no face) are reported and skipped; they never stop the run. Each item's random
+choices depend only on ``--seed`` and the item's name, so adding inputs does not change the
+items already made, and ``kernel`` and ``face-only`` runs with one seed use the same kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("kernel", "face-only", "frames")
+SYNTH_MISSING = ("--mode {mode} needs facedeblur_ext.nn.BlurSynthesizer, which this installation "
+                 "does not provide yet ({error}); --mode frames works without it")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True, type=Path,
+                        help="image folder or file (kernel modes); video, frame folder or a tree "
+                             "of them (frames mode)")
+    parser.add_argument("--output", required=True, type=Path, help="output folder")
+    parser.add_argument("--mode", required=True, choices=MODES)
+    parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="resize the short side to SIZE and centre-crop SIZE x SIZE "
+                             "(default: keep the input size)")
+    parser.add_argument("--min-size", type=int, default=64,
+                        help="skip inputs whose short side is below this (default 64)")
+    parser.add_argument("--synth-config", type=Path, default=None,
+                        help="YAML or JSON config for BlurSynthesizer (kernel modes)")
+    parser.add_argument("--num-frames", default="5-13",
+                        help="frames averaged per blurry image: N or LO-HI (default 5-13)")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="frames between window starts (default: the largest N)")
+    parser.add_argument("--crf-gamma", type=float, default=2.2,
+                        help="camera response gamma for frame averaging (default 2.2; 1: none)")
+    parser.add_argument("--fmr-grid", type=float, default=1.0,
+                        help="FMR position comparison grid in pixels (default 1)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="face analysis cache (default: $FACEDEBLUR_CACHE_DIR or "
+                             "~/.cache/facedeblur)")
+    parser.add_argument("--limit", type=int, default=None, help="process at most this many items")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# ---- helpers -------------------------------------------------------------------------------
+
+def _parse_num_frames(text: str) -> tuple[int, int]:
+    parts = str(text).split("-")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+    except ValueError:
+        lo = hi = None
+    if lo is None or not 1 <= lo <= hi:
+        raise SystemExit(f"facedeblur synth: --num-frames must be N or LO-HI, got {text!r}")
+    return lo, hi
+
+
+def _item_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}|{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _load_config(path: Path | None):
+    if path is None:
+        return None
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        return json.loads(text)
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _make_synthesizer(config):
+    """BlurSynthesizer(config), imported lazily; ImportError when it does not exist yet."""
+    try:
+        from facedeblur_ext.nn import BlurSynthesizer
+    except ImportError as exc:
+        raise ImportError(str(exc)) from exc
+    if config is None:
+        try:
+            return BlurSynthesizer()
+        except TypeError:
+            return BlurSynthesizer(None)
+    return BlurSynthesizer(config)
+
+
+def _jsonable(value, name: str, out_dir: Path, item: str, files: dict):
+    """Info values -> JSON; arrays with two or more dimensions (kernels) go to .npy files."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        if value.ndim >= 2:
+            from facedeblur_ext.data.io import atomic_write_bytes
+
+            rel = f"kernels/{item}__{name}.npy"
+            buf = io.BytesIO()
+            np.save(buf, value, allow_pickle=False)
+            atomic_write_bytes(out_dir / rel, buf.getvalue())
+            files[name] = rel
+            return rel
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, f"{name}.{k}", out_dir, item, files)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{name}.{i}", out_dir, item, files) for i, v in enumerate(value)]
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _write_json(path: Path, data) -> None:
+    from facedeblur_ext.data.io import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+class _SkipItem(Exception):
+    """An input that is reported and skipped (bad file, no face)."""
+
+
+# ---- items ---------------------------------------------------------------------------------
+
+def _kernel_items(args) -> list[tuple[str, Path]]:
+    from facedeblur_ext.data.io import list_images, safe_item_name
+
+    root = args.input
+    out = args.output.resolve()
+    # (an output folder inside the input folder must not feed back into the inputs)
+    files = [p for p in list_images(root) if not p.resolve().is_relative_to(out)]
+    base = root if root.is_dir() else root.parent
+    return [(safe_item_name(p.relative_to(base).with_suffix("").parts), p) for p in files]
+
+
+def _frame_items(args, skipped: list) -> list[tuple[str, tuple]]:
+    from facedeblur_ext.data.io import (
+        BadImageError,
+        FrameReadError,
+        discover_frame_sources,
+        open_frame_source,
+        safe_item_name,
+    )
+
+    lo, hi = _parse_num_frames(args.num_frames)
+    stride = args.stride or hi
+    root = args.input
+    base = root if root.is_dir() else root.parent
+    items = []
+    out = args.output.resolve()
+    for path in discover_frame_sources(root):
+        if path.resolve().is_relative_to(out):
+            continue
+        rel = path.relative_to(base) if path != base else Path(path.name)
+        if path.is_file():
+            rel = rel.with_suffix("")
+        stem = safe_item_name(rel.parts or (path.name,))
+        try:
+            source = open_frame_source(path, min_size=args.min_size)
+        except (FrameReadError, BadImageError) as exc:
+            skipped.append({"item": stem, "input": str(path), "reason": str(exc)})
+            continue
+        if len(source) < hi:
+            skipped.append({"item": stem, "input": str(path),
+                            "reason": f"only {len(source)} frames, fewer than {hi}"})
+            continue
+        for start in range(0, len(source) - hi + 1, stride):
+            name = f"{stem}__f{start:06d}"
+            n = lo + _item_seed(args.seed, name) % (hi - lo + 1)
+            items.append((name, (source, start, int(n))))
+    return items
+
+
+def _transform_for(args, size_hw):
+    from facedeblur_ext.data.geometry import center_transform, identity_transform
+
+    if args.size is None:
+        return identity_transform(size_hw)
+    return center_transform(size_hw, args.size, base_size=args.size)
+
+
+def _do_kernel_item(args, name, path, out, analyzer, synthesizer, face_only) -> dict:
+    import torch
+
+    from facedeblur_ext.data.datasets import run_synthesizer
+    from facedeblur_ext.data.io import BadImageError, load_rgb, to_uint8, write_png
+    from facedeblur_ext.data.masks import render_masks
+
+    try:
+        image = load_rgb(path, min_size=args.min_size)
+    except BadImageError as exc:
+        raise _SkipItem(exc.reason) from None
+    analysis = analyzer.analyze(image, name=str(path))
+    if not analysis.found:
+        raise _SkipItem("no face found")
+    transform = _transform_for(args, image.shape[:2])
+    crop = transform.apply_image(image)
+    masks = render_masks(analysis, transform, soft=True)
+    seed = _item_seed(args.seed, name)
+    sharp = torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1))).float().div_(255)
+    blend = torch.from_numpy(masks["face_soft"])[None, None] if face_only else None
+    blurry, info = run_synthesizer(synthesizer, sharp[None], blend, seed, return_info=True)
+    blurry_u8 = to_uint8(blurry[0].detach().cpu().numpy().transpose(1, 2, 0))
+
+    files = {"sharp": f"sharp/{name}.png", "blurry": f"blurry/{name}.png",
+             "face_mask": f"masks/{name}_face.png", "parsing": f"masks/{name}_parsing.png"}
+    write_png(out / files["sharp"], crop)
+    write_png(out / files["blurry"], blurry_u8)
+    write_png(out / files["face_mask"], to_uint8(masks["face"]))
+    write_png(out / files["parsing"], masks["parsing"])
+    blur = _jsonable(info or {}, "info", out, name, files)
+    return {"name": name, "mode": args.mode, "input": str(path), "size": list(crop.shape[:2]),
+            "seed": seed, "face_source": analysis.source, "blur": blur, "files": files}
+
+
+def _do_frames_item(args, name, spec, out, analyzer) -> dict:
+    from facedeblur_ext.data.fmr import (
+        control_factors,
+        crf_average_uint8,
+        fill_missing,
+        fmr_order,
+        left_eye_after_transform,
+    )
+    from facedeblur_ext.data.io import BadImageError, FrameReadError, to_uint8, write_png
+    from facedeblur_ext.data.masks import (
+        face_from_parsing,
+        feather_sigma,
+        render_parsing,
+        soften,
+    )
+
+    source, start, n = spec
+    try:
+        frames = source.read(start, n)
+    except (FrameReadError, BadImageError) as exc:
+        raise _SkipItem(str(exc)) from None
+    analyses = [analyzer.analyze(f, name=source.describe(start + k))
+                for k, f in enumerate(frames)]
+    found = [a.found for a in analyses]
+    if not any(found):
+        raise _SkipItem("no face found in any frame")
+    gamma = None if args.crf_gamma == 1 else args.crf_gamma
+    blurry = to_uint8(crf_average_uint8(frames, gamma))
+    transform = _transform_for(args, frames[0].shape[:2])
+    eyes = fill_missing(np.stack([left_eye_after_transform(a, transform) for a in analyses]),
+                        found)
+    order = fmr_order(eyes, args.fmr_grid)
+    u = control_factors(n)
+
+    files = {"blurry": f"blurry/{name}.png", "face_mask": f"masks/{name}_face.png",
+             "sharp": [f"sharp/{name}/{rank:02d}.png" for rank in range(n)]}
+    for rank, t in enumerate(order):
+        write_png(out / files["sharp"][rank], transform.apply_image(frames[t]))
+    write_png(out / files["blurry"], transform.apply_image(blurry))
+    union = np.zeros(transform.out_size, np.float32)
+    for analysis in analyses:
+        np.maximum(union, face_from_parsing(render_parsing(analysis, transform)), out=union)
+    union = soften(union, feather_sigma(analyses[n // 2], transform))
+    write_png(out / files["face_mask"], to_uint8(union))
+    return {"name": name, "mode": "frames", "input": str(source.path), "start": start,
+            "num_frames": n, "frame_indices": list(range(start, start + n)),
+            "fmr_order": [int(start + t) for t in order], "u": [float(v) for v in u],
+            "eye_xy": eyes[order].round(3).tolist(), "crf_gamma": gamma,
+            "faces_found": int(sum(found)), "face_sources": [a.source for a in analyses],
+            "size": list(transform.out_size), "files": files}
+
+
+# ---- command -------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from facedeblur_ext.data.face import FaceAnalyzer
+
+    if not args.input.exists():
+        print(f"facedeblur synth: input {args.input} does not exist", file=sys.stderr)
+        return 2
+    out: Path = args.output
+    synthesizer = None
+    if args.mode != "frames":
+        try:
+            synthesizer = _make_synthesizer(_load_config(args.synth_config))
+        except ImportError as exc:
+            print("facedeblur synth: " + SYNTH_MISSING.format(mode=args.mode, error=exc),
+                  file=sys.stderr)
+            return 2
+
+    analyzer = FaceAnalyzer(cache_dir=args.cache_dir, warn=False)
+    skipped: list[dict] = []
+    if args.mode == "frames":
+        items = _frame_items(args, skipped)
+    else:
+        items = _kernel_items(args)
+    if args.limit is not None:
+        items = items[: args.limit]
+    if not items and not skipped:
+        print(f"facedeblur synth: no inputs found in {args.input}", file=sys.stderr)
+        return 2
+    for entry in skipped:
+        print(f"skipped {entry['input']}: {entry['reason']}", file=sys.stderr)
+
+    records_dir = out / "records"
+    done = made = failed = 0
+    start_time = time.time()
+    bar = tqdm(items, desc=f"synth {args.mode}", unit="item", disable=args.no_progress,
+               file=sys.stderr)
+    for name, spec in bar:
+        record_path = records_dir / f"{name}.json"
+        if record_path.is_file():
+            done += 1
+            continue
+        source_text = str(spec[0].describe(spec[1])) if args.mode == "frames" else str(spec)
+        try:
+            if args.mode == "frames":
+                record = _do_frames_item(args, name, spec, out, analyzer)
+            else:
+                record = _do_kernel_item(args, name, spec, out, analyzer, synthesizer,
+                                         face_only=args.mode == "face-only")
+        except ImportError as exc:  # MediaPipe missing: every item would fail the same way
+            bar.close()
+            print(f"facedeblur synth: {exc}", file=sys.stderr)
+            return 2
+        except _SkipItem as exc:
+            skipped.append({"item": name, "input": source_text, "reason": str(exc)})
+            tqdm.write(f"skipped {source_text}: {exc}", file=sys.stderr)
+            continue
+        except Exception as exc:  # report, keep going: one bad input must not stop a long run
+            failed += 1
+            skipped.append({"item": name, "input": source_text,
+                            "reason": f"failed: {type(exc).__name__}: {exc}"})
+            tqdm.write(f"FAILED {source_text}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        _write_json(record_path, record)
+        made += 1
+        bar.set_postfix(made=made, skipped=len(skipped))
+    bar.close()
+
+    records = []
+    for path in sorted(records_dir.glob("*.json")) if records_dir.is_dir() else []:
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("no_progress",)}
+    settings["synth_config"] = _load_config(args.synth_config)
+    if synthesizer is not None:
+        settings["synthesizer"] = type(synthesizer).__module__ + "." + type(synthesizer).__name__
+    manifest = {"settings": settings, "items": records, "skipped": skipped,
+                "counts": {"items": len(records), "made": made, "already_done": done,
+                           "skipped": len(skipped), "failed": failed}}
+    _write_json(out / "manifest.json", manifest)
+    print(f"facedeblur synth: {made} made, {done} already done, {len(skipped)} skipped "
+          f"({failed} failed) in {time.time() - start_time:.1f} s -> {out}", file=sys.stderr)
+    return 1 if failed else 0

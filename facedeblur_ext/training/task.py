@@ -1,0 +1,162 @@
+"""What a model plugs into the shared trainer: the ``Task`` interface and the task registry.
+
+The trainer owns the mechanics (devices, DDP, AMP, optimizer steps, clipping, EMA,
+schedules, checkpoints, logs, validation loop, signals); a task owns the model-specific parts:
+which networks exist, how they are optimised, what one training step computes, and how a
+restored image is produced for validation. CFMD-GAN is ``facedeblur_ext.training.cfmd_task``;
+SNADNet registers itself the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+__all__ = ["TASKS", "StepContext", "Task", "get_task", "instantiate", "register_task"]
+
+#: task name -> "module:Class" (imported on first use)
+TASKS: dict[str, str] = {
+    "cfmd": "facedeblur_ext.training.cfmd_task:CFMDTask",
+}
+
+
+def register_task(name: str, target: str | type) -> None:
+    """Make ``facedeblur train <name>`` use ``target`` (a Task subclass or "module:Class")."""
+    TASKS[name] = target
+
+
+def _import(target: str):
+    module_name, _, attr = target.partition(":")
+    if not attr:
+        raise ValueError(f"{target!r} is not of the form 'package.module:Name'")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def get_task(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+    target = TASKS[name]
+    return _import(target) if isinstance(target, str) else target
+
+
+def instantiate(spec: dict, **extra):
+    """Build ``{"class": "module:Class", "args": {...}}`` (for datasets and similar)."""
+    if not isinstance(spec, dict) or "class" not in spec:
+        raise ValueError(f"expected a table with 'class' and 'args', got {spec!r}")
+    return _import(spec["class"])(**{**(spec.get("args") or {}), **extra})
+
+
+class StepContext:
+    """The trainer's services available inside ``Task.training_step``.
+
+    Attributes:
+        step: optimizer steps done before this one; epoch: the current epoch.
+        device: the training device; distributed: whether DDP is active.
+    """
+
+    step: int
+    epoch: int
+    device: torch.device
+    distributed: bool
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision region as configured (a no-op when AMP is off)."""
+        raise NotImplementedError
+
+    def optimize(self, name: str, loss: Tensor) -> dict[str, float]:
+        """Backward ``loss`` and step optimizer ``name`` (scaling, unscaling, clipping and
+        zeroing included). Returns ``{"grad_norm_<name>": ...}`` when clipping is on."""
+        raise NotImplementedError
+
+    def frozen(self, *names: str) -> contextlib.AbstractContextManager:
+        """Within this context, the parameters of models ``names`` get no gradients (skipped
+        under DDP, where every parameter must join each backward; the gradients are then
+        discarded by the next ``optimize`` of that model)."""
+        raise NotImplementedError
+
+
+class Task:
+    """Base class of a trainable model family.
+
+    Args:
+        config: the full run configuration (dict).
+        device: the training device.
+    """
+
+    #: registry name, also stored in checkpoints
+    name: str = ""
+    #: models of which the trainer keeps an EMA when ``train.ema.enabled``
+    ema_models: tuple[str, ...] = ()
+
+    def __init__(self, config: dict, device: torch.device):
+        self.config = config
+        self.device = device
+
+    def build_models(self) -> dict[str, nn.Module]:
+        """The trainable networks by name (unwrapped; the trainer moves and wraps them)."""
+        raise NotImplementedError
+
+    def build_optimizers(self, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
+        """One optimizer per model by default: Adam with ``optim.lr`` and ``optim.betas``,
+        overridable per model under ``optim.per_model.<name>``."""
+        optim = self.config.get("optim", {})
+        out = {}
+        for name, model in models.items():
+            args = {**optim, **(optim.get("per_model", {}).get(name) or {})}
+            out[name] = torch.optim.Adam(
+                [p for p in model.parameters() if p.requires_grad],
+                lr=float(args.get("lr", 1e-4)),
+                betas=tuple(float(b) for b in args.get("betas", (0.9, 0.999))),
+                weight_decay=float(args.get("weight_decay", 0.0)),
+            )
+        return out
+
+    def build_datasets(self) -> tuple[Dataset, Dataset | None]:
+        """Training and (optional) validation datasets; default from ``data.train``/``data.val``
+        tables of the form ``{class: "module:Class", args: {...}}``."""
+        data = self.config.get("data", {})
+        train = instantiate(data["train"])
+        val = instantiate(data["val"]) if data.get("val") else None
+        return train, val
+
+    def collate_fn(self):
+        """The DataLoader collate function: ``data.collate`` ("module:function") or None (torch's
+        default)."""
+        target = self.config.get("data", {}).get("collate")
+        return _import(target) if target else None
+
+    def training_step(self, models: dict[str, nn.Module], batch: dict,
+                      ctx: StepContext) -> dict[str, float]:
+        """One iteration: forward, losses, and ``ctx.optimize`` for each optimizer.
+
+        ``models`` are the (possibly DDP-wrapped) training models. Returns scalars to log.
+        """
+        raise NotImplementedError
+
+    def validation_pairs(self, models: dict[str, nn.Module], batch: dict
+                         ) -> Iterable[tuple[Tensor, Tensor]]:
+        """(restored, target) image batches in [0, 1] for PSNR/SSIM; ``models`` are unwrapped
+        eval models (EMA weights where kept)."""
+        raise NotImplementedError
+
+    def preview(self, models: dict[str, nn.Module], dataset: Dataset) -> Tensor | None:
+        """An image grid [3, H, W] in [0, 1] to save at validation time, or None."""
+        return None
+
+
+def batch_to(batch: dict, device: torch.device) -> dict:
+    """Move the tensors of a collated batch dict to ``device`` (others unchanged)."""
+    non_blocking = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v)
+            for k, v in batch.items()}
+
+
+def iterate_models(models: dict[str, nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    """(name, unwrapped module) pairs, looking through DDP wrappers."""
+    for name, model in models.items():
+        yield name, getattr(model, "module", model)
