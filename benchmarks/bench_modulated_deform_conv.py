@@ -17,8 +17,10 @@ Environment:
     FACEDEBLUR_BENCH_DEVICES   comma-separated, default "cpu,cuda" (cuda when available)
     FACEDEBLUR_BENCH_THREADS   torch CPU threads (default: torch's)
     FACEDEBLUR_BENCH_ROUNDS    timed rounds per case (default 3; one warm-up round before)
+    FACEDEBLUR_BENCH_RESULTS_DIR  where the results file goes (default benchmarks/results;
+                               on a lent GPU machine point it at $OUT to get the file back)
 
-Results go to benchmarks/results/<device>_modulated_deform_conv.json (one entry per run
+Results go to <results dir>/<device>_modulated_deform_conv.json (one entry per run
 configuration; rerunning a configuration replaces its entry) with medians, the speedup ratios
 and the peak extra memory.
 """
@@ -46,7 +48,8 @@ try:  # optional peer library
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     tv_ops = None
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("FACEDEBLUR_BENCH_RESULTS_DIR",
+                                  Path(__file__).resolve().parent / "results"))
 PAPER_SHAPES = [(32, 256), (64, 128), (128, 64)]  # (channels, spatial size), 3x3, batch 8
 
 BATCH = int(os.environ.get("FACEDEBLUR_BENCH_BATCH", "8"))
