@@ -5,7 +5,8 @@
 
 namespace facedeblur {
 
-void define_separable_norm(torch::Library& m);
-void define_blur(torch::Library& m);
+void define_modulated_deform_conv(torch::Library& m);  // csrc/modulated_deform_conv.cpp
+void define_separable_norm(torch::Library& m);         // csrc/separable_norm.cpp
+void define_blur(torch::Library& m);                   // csrc/blur.cpp
 
 }  // namespace facedeblur

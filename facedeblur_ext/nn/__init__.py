@@ -7,11 +7,14 @@ from .control_adaptive import (
     resolve_backend,
     set_backend,
 )
+from .deform_conv import ConditionedDeformConv2d, ModulatedDeformConv2d
 from .separable_norm import SeparableNorm2d, SNADLayer
 
 __all__: list[str] = [
     "ControlAdaptiveBlock",
     "ControlAdaptiveDeformConv2d",
+    "ConditionedDeformConv2d",
+    "ModulatedDeformConv2d",
     "SeparableNorm2d",
     "SNADLayer",
     "resolve_backend",

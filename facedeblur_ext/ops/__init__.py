@@ -14,11 +14,13 @@ from .blur import (
     pad_kernels,
     trajectory_kernels,
 )
+from .modulated_deform_conv import modulated_deform_conv2d
 from .separable_norm import labels_to_masks, separable_norm
 
 __all__ = [
     "SELF_CHECKS",
     "register_self_check",
+    "modulated_deform_conv2d",
     "separable_norm",
     "labels_to_masks",
     "average_frames",
