@@ -4,7 +4,9 @@ TEST STAND-IN ONLY: the region masks here are a fixed, crude geometric layout fo
 CelebA crops (an ellipse of skin with elliptical eyes, nose and mouth, a larger ellipse of
 hair behind it, background elsewhere). They are the same for every image and are not a face
 parser; the real masks come from the data pipeline (MediaPipe). The blur is a fixed diagonal
-box (motion-like) kernel applied with ``F.conv2d``, not the project's blur synthesis.
+box (motion-like) kernel applied with ``F.conv2d``, not the project's blur synthesis
+(``facedeblur_ext.nn.BlurSynthesizer``); :class:`StandInBlurSynthesizer` wraps it in the
+synthesizer interface for training configs that must run where that class is not available.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO_ROOT
 from PIL import Image
+
+from facedeblur_ext.data import PARSING_CLASSES
 
 FACES_DIR = REPO_ROOT / "facedeblur_ext" / "assets" / "faces"
 NUM_REGIONS = 4  # facial parts, skin, hair, background
@@ -38,15 +42,26 @@ def _ellipse(yy, xx, cy, cx, ry, rx):
 
 def standin_region_labels(h: int, w: int) -> torch.Tensor:
     """Test stand-in region labels [h, w] (0 parts, 1 skin, 2 hair, 3 background)."""
+    return _REGION_OF_CLASS[standin_parsing_labels(h, w)]
+
+
+def standin_parsing_labels(h: int, w: int) -> torch.Tensor:
+    """Test stand-in labels [h, w] of the data pipeline's ``PARSING_CLASSES``."""
     yy, xx = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w,
                             indexing="ij")
-    labels = torch.full((h, w), 3, dtype=torch.long)
-    labels[_ellipse(yy, xx, 0.40, 0.50, 0.42, 0.40)] = 2
-    labels[_ellipse(yy, xx, 0.56, 0.50, 0.36, 0.28)] = 1
-    parts = (_ellipse(yy, xx, 0.41, 0.36, 0.04, 0.08) | _ellipse(yy, xx, 0.41, 0.64, 0.04, 0.08)
-             | _ellipse(yy, xx, 0.55, 0.50, 0.09, 0.05) | _ellipse(yy, xx, 0.72, 0.50, 0.05, 0.11))
-    labels[parts] = 0
+    cls = {name: i for i, name in enumerate(PARSING_CLASSES)}
+    labels = torch.full((h, w), cls["background"], dtype=torch.long)
+    labels[_ellipse(yy, xx, 0.40, 0.50, 0.42, 0.40)] = cls["hair"]
+    labels[_ellipse(yy, xx, 0.56, 0.50, 0.36, 0.28)] = cls["skin"]
+    labels[_ellipse(yy, xx, 0.41, 0.36, 0.04, 0.08) | _ellipse(yy, xx, 0.41, 0.64, 0.04, 0.08)] = (
+        cls["eyes"])
+    labels[_ellipse(yy, xx, 0.55, 0.50, 0.09, 0.05)] = cls["nose"]
+    labels[_ellipse(yy, xx, 0.72, 0.50, 0.05, 0.11)] = cls["lips"]
     return labels
+
+
+# region of each stand-in class (the data pipeline's CLASS_TO_REGION)
+_REGION_OF_CLASS = torch.tensor([3, 1, 0, 0, 0, 0, 0, 2])
 
 
 def motion_blur(sharp: torch.Tensor, length: int = 7) -> torch.Tensor:
@@ -59,9 +74,45 @@ def motion_blur(sharp: torch.Tensor, length: int = 7) -> torch.Tensor:
 
 
 def make_batch(sharp: torch.Tensor) -> dict:
-    """Batch dict in the data pipeline's format from sharp faces [N, 3, H, W]."""
+    """Batch dict in the data pipeline's format (``SNADNetDataset``) from sharp faces
+    [N, 3, H, W]: ``sharp``, ``blurry``, ``regions`` [N, 4, H, W] and ``parsing`` [N, H, W]."""
     n, _, h, w = sharp.shape
-    labels = standin_region_labels(h, w).expand(n, h, w).clone()
-    masks = F.one_hot(labels, NUM_REGIONS).permute(0, 3, 1, 2).float()
-    return {"sharp": sharp, "blurry": motion_blur(sharp), "region_masks": masks,
-            "parsing": labels}
+    parsing = standin_parsing_labels(h, w).expand(n, h, w).clone()
+    regions = F.one_hot(_REGION_OF_CLASS[parsing], NUM_REGIONS).permute(0, 3, 1, 2).float()
+    return {"sharp": sharp, "blurry": motion_blur(sharp), "regions": regions,
+            "parsing": parsing}
+
+
+class StandInBlurSynthesizer(torch.nn.Module):
+    """TEST STAND-IN with the interface of ``facedeblur_ext.nn.BlurSynthesizer``:
+    ``StandInBlurSynthesizer(config, generator=None)``, ``forward(images [N, C, H, W] in
+    [0, 1], mask=None, return_info=False)``.
+
+    Blurs with :func:`motion_blur` (``config["length"]``, default 7), blends with ``mask`` when
+    given (face-only blur) and adds Gaussian noise of ``config["noise_sigma"]`` drawn from
+    ``generator`` (the global RNG when None, which the data pipeline seeds per sample).
+    """
+
+    def __init__(self, config: dict | None = None, generator: torch.Generator | None = None):
+        super().__init__()
+        config = dict(config or {})
+        self.length = int(config.pop("length", 7))
+        self.noise_sigma = float(config.pop("noise_sigma", 0.0))
+        if config:
+            raise ValueError(f"unknown stand-in blur settings {sorted(config)}")
+        self.generator = generator
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
+                return_info: bool = False):
+        blurred = motion_blur(images, self.length)
+        if mask is not None:
+            blurred = mask * blurred + (1 - mask) * images
+        if self.noise_sigma > 0:
+            noise = torch.randn(images.shape, generator=self.generator, dtype=images.dtype,
+                                device=images.device)
+            blurred = blurred + self.noise_sigma * noise
+        blurred = blurred.clamp(0, 1)
+        if not return_info:
+            return blurred
+        kernel = torch.eye(self.length) / self.length
+        return blurred, {"kernels": kernel.expand(images.shape[0], -1, -1)}
