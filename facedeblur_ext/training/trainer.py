@@ -65,13 +65,16 @@ def resolve_amp_dtype(mode, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"train.amp must be auto, off, bf16 or fp16; got {mode!r}")
 
 
-def model_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, dtypes, shapes and bytes)."""
+def model_digest(model: nn.Module, buffers: bool = True) -> str:
+    """SHA-256 of every parameter and (unless ``buffers=False``) buffer: names, dtypes, shapes
+    and bytes."""
     h = hashlib.sha256()
-    for name, t in model.state_dict().items():
+    tensors = model.state_dict() if buffers else dict(model.named_parameters())
+    for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape first: a 0-d tensor (batch norm's num_batches_tracked) cannot be viewed as bytes
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -382,7 +385,10 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
 
     def _check_replicas(self) -> dict:
-        digests = {n: model_digest(m) for n, m in self.raw_models.items()}
+        # Parameters only: buffers such as batch-norm running statistics are updated from each
+        # rank's own batch and made equal again by DDP, which broadcasts rank 0's at the start
+        # of every forward.
+        digests = {n: model_digest(m, buffers=False) for n, m in self.raw_models.items()}
         gathered = [None] * self.dist.world_size
         dist.all_gather_object(gathered, digests)
         mismatched = sum(any(g[n] != digests[n] for g in gathered) for n in digests)
