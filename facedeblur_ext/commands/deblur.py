@@ -11,7 +11,8 @@ With CFMD-GAN (``--model cfmd``), ``--frames N`` sweeps the control factor ``u``
 With SNADNet (``--model snadnet``), the checkpoint is stage II's
 (``<run>/deblur/checkpoints/last.pt``): it holds the stage-I parser, which computes the parsing
 map of each input, and the generator. Output: ``<name>.png``, plus ``<name>_parsing.png`` (the
-parsing map in colour) with ``--save-parsing``.
+parsing map in colour) with ``--save-parsing``. The thesis baselines (``--model baseline_ae``,
+``baseline_gan``) write ``<name>.png``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 from pathlib import Path
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-MODELS = ("cfmd", "snadnet")
+MODELS = ("cfmd", "snadnet", "baseline_ae", "baseline_gan")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -109,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     inputs = list_inputs(Path(args.input))
     backend = resolve_backend(args.backend)
-    if args.model == "snadnet":
-        return _run_snadnet(args, inputs, out_dir, device, backend)
+    if args.model != "cfmd":
+        return _run_single_output(args, inputs, out_dir, device, backend)
 
     from facedeblur_ext.models.cfmd import control_sweep, load_generator
 
@@ -136,20 +137,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_snadnet(args, inputs: list[Path], out_dir: Path, device, backend) -> int:
+def _run_single_output(args, inputs: list[Path], out_dir: Path, device, backend) -> int:
+    """SNADNet and the baselines: one restored image per input."""
     import torch
     from tqdm.auto import tqdm
 
     from facedeblur_ext.models.face_parsing import colorize_regions
-    from facedeblur_ext.models.snadnet import load_snadnet
 
-    model = load_snadnet(args.checkpoint, device, backend, prefer_ema=not args.no_ema)
+    if args.model == "snadnet":
+        from facedeblur_ext.models.snadnet import load_snadnet
+
+        model = load_snadnet(args.checkpoint, device, backend, prefer_ema=not args.no_ema)
+    else:
+        from facedeblur_ext.models.baselines import load_baseline
+
+        model = load_baseline(args.checkpoint, device, prefer_ema=not args.no_ema,
+                              task=args.model)
+    save_parsing = args.save_parsing and args.model == "snadnet"
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         for path in tqdm(inputs, desc="deblur", disable=len(inputs) < 2):
-            restored, parsing = model.restore(_load_rgb(path, device), return_parsing=True)
+            blurry = _load_rgb(path, device)
+            if args.model == "snadnet":
+                restored, parsing = model.restore(blurry, return_parsing=True)
+            else:
+                restored = model.restore(blurry)
             _save_png(_to_uint8(restored[0]), out_dir / f"{path.stem}.png")
-            if args.save_parsing:
+            if save_parsing:
                 _save_png(_to_uint8(colorize_regions(parsing)[0]),
                           out_dir / f"{path.stem}_parsing.png")
     print(f"wrote {len(inputs)} image(s) to {out_dir}")

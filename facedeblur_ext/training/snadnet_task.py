@@ -24,17 +24,12 @@ See :meth:`SNADNetTask.runs` and ``facedeblur_ext/configs/snadnet.yaml``.
 
 **Data.** :class:`~facedeblur_ext.data.SNADNetDataset` samples (``blurry``, ``sharp``,
 ``regions`` [4, H, W] masks of the sharp face, ``parsing`` labels) from ``data.root``, a folder
-of sharp faces; the last ``data.val_count`` images (sorted by path) are held out for validation
-unless ``data.val_root`` names a separate folder. The blur is pluggable: ``data.blur`` is a
-``{class, args}`` table of a synthesizer with the interface of
-``facedeblur_ext.nn.BlurSynthesizer(config, generator=None)``,
-``forward(images, mask=None, return_info=False)``.
+of sharp faces, blurred by the pluggable ``data.blur`` synthesizer: see
+:mod:`facedeblur_ext.training.face_data`.
 """
 
 from __future__ import annotations
 
-import copy
-import fnmatch
 from pathlib import Path
 
 import torch
@@ -62,9 +57,10 @@ from ..models.snadnet import build_discriminator, build_parser, build_snadnet
 from ..nn.control_adaptive import resolve_backend
 from .checkpoint import load_checkpoint
 from .config import deep_merge
-from .task import StepContext, Task, instantiate
+from .face_data import build_face_datasets
+from .task import StepContext, Task
 
-__all__ = ["LOSS_DEFAULTS", "STAGES", "SNADNetTask", "split_image_folder", "stage_config"]
+__all__ = ["LOSS_DEFAULTS", "STAGES", "SNADNetTask", "stage_config"]
 
 #: the training stages, in order
 STAGES = ("parsing", "deblur")
@@ -110,41 +106,6 @@ def stage_config(config: dict, stage: str) -> dict:
     if stage == "deblur" and not model.get("parser_checkpoint"):
         model["parser_checkpoint"] = str(root / "parsing" / "checkpoints" / "last.pt")
     return out
-
-
-def split_image_folder(data: dict) -> tuple[list[Path], list[Path]]:
-    """(training, validation) image files of a ``data`` table.
-
-    ``root``: folder of sharp faces (searched recursively, sorted by path); ``pattern``: an
-    optional file-name glob (e.g. ``celeba_*.png``); ``val_root``: a folder of validation faces,
-    else the last ``val_count`` images of ``root`` are held out.
-    """
-    from ..data.io import list_images
-
-    def images(folder) -> list[Path]:
-        folder = Path(folder)
-        if not folder.exists():
-            raise FileNotFoundError(f"image folder {folder} does not exist")
-        files = list_images(folder)
-        pattern = data.get("pattern")
-        if pattern:
-            files = [p for p in files if fnmatch.fnmatch(p.name, pattern)]
-        if not files:
-            raise ValueError(f"no images in {folder}" + (f" matching {pattern!r}" if pattern
-                                                         else ""))
-        return files
-
-    if not data.get("root"):
-        raise ValueError("data.root is not set: give a folder of sharp face images with "
-                         "--data-root DIR (or the override data.root=DIR)")
-    files = images(data["root"])
-    if data.get("val_root"):
-        return files, images(data["val_root"])
-    count = int(data.get("val_count") or 0)
-    if count >= len(files):
-        raise ValueError(f"data.val_count={count} leaves no training image of {len(files)} "
-                         f"in {data['root']}")
-    return (files[:-count], files[-count:]) if count > 0 else (files, [])
 
 
 class SNADNetTask(Task):
@@ -246,31 +207,9 @@ class SNADNetTask(Task):
     # ------------------------------------------------------------------ data
 
     def build_datasets(self):
-        """SNADNet samples of ``data.root`` split by :func:`split_image_folder`, blurred by the
-        ``data.blur`` synthesizer, masks from one shared face analyzer (``data.analyzer``:
-        :class:`~facedeblur_ext.data.FaceAnalyzer` arguments, e.g. ``cache_dir``)."""
-        from ..data import FaceAnalyzer
-
-        data = self.config.get("data") or {}
-        synthesizer = instantiate(data["blur"]) if data.get("blur") else None
-        if synthesizer is None:
-            raise ValueError("data.blur is not set: SNADNet trains on synthesized blur; give a "
-                             "{class, args} table such as facedeblur_ext.nn:BlurSynthesizer")
-        analyzer = FaceAnalyzer(**(data.get("analyzer") or {}))
-        train_files, val_files = split_image_folder(data)
-        seed = int(self.config.get("seed", 0))
-
-        def dataset(spec: dict, files: list[Path]):
-            spec = copy.deepcopy(spec)
-            args = spec.setdefault("args", {}) or {}
-            spec["args"] = args
-            args.setdefault("images", [str(p) for p in files])
-            args.setdefault("seed", seed)
-            return instantiate(spec, synthesizer=synthesizer, analyzer=analyzer)
-
-        train = dataset(data["train"], train_files)
-        val = dataset(data["val"], val_files) if data.get("val") and val_files else None
-        return train, val
+        """:class:`~facedeblur_ext.data.SNADNetDataset` samples of ``data.root`` (see
+        :func:`~.face_data.build_face_datasets`)."""
+        return build_face_datasets(self.config)
 
     # ------------------------------------------------------------------ training
 

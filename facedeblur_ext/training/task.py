@@ -23,6 +23,8 @@ __all__ = ["TASKS", "StepContext", "Task", "get_task", "instantiate", "register_
 TASKS: dict[str, str] = {
     "cfmd": "facedeblur_ext.training.cfmd_task:CFMDTask",
     "snadnet": "facedeblur_ext.training.snadnet_task:SNADNetTask",
+    "baseline_ae": "facedeblur_ext.training.baseline_tasks:AutoencoderTask",
+    "baseline_gan": "facedeblur_ext.training.baseline_tasks:GANBaselineTask",
 }
 
 
