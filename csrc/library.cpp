@@ -5,5 +5,7 @@
 #include "ops.h"
 
 TORCH_LIBRARY(facedeblur_ext, m) {
-  (void)m;
+  facedeblur::define_modulated_deform_conv(m);
+  facedeblur::define_separable_norm(m);
+  facedeblur::define_blur(m);
 }

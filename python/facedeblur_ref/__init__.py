@@ -5,7 +5,27 @@ function has the signature and semantics of its fused counterpart in ``facedeblu
 This package is never imported by ``facedeblur_ext``.
 """
 
+from .blur import (
+    average_frames,
+    blur_synthesize,
+    defocus_kernels,
+    gaussian_kernels,
+    motion_kernels,
+    pad_kernels,
+    trajectory_kernels,
+)
 from .modulated_deform_conv import modulated_deform_conv2d
 from .separable_norm import labels_to_masks, separable_norm
 
-__all__ = ["modulated_deform_conv2d", "separable_norm", "labels_to_masks"]
+__all__ = [
+    "modulated_deform_conv2d",
+    "separable_norm",
+    "labels_to_masks",
+    "average_frames",
+    "blur_synthesize",
+    "defocus_kernels",
+    "gaussian_kernels",
+    "motion_kernels",
+    "pad_kernels",
+    "trajectory_kernels",
+]

@@ -35,7 +35,8 @@ def separable_norm(
     For sample n, channel c and region r with mask ``M_r``:
     ``mu_r = sum(M_r x) / sum(M_r)``, ``var_r = sum(M_r (x - mu_r)^2) / sum(M_r)``,
     ``out = (sum_r M_r (x - mu_r) / sqrt(var_r + eps)) * gamma + beta``.
-    A region with zero mass contributes nothing.
+    A region with zero mass contributes nothing and receives no gradient. Masks are expected to
+    be non-negative.
 
     Args:
         x: [N, C, H, W].
@@ -49,7 +50,11 @@ def separable_norm(
     xs = x.unsqueeze(2)  # [N, C, 1, H, W]
     m = masks.to(x.dtype).unsqueeze(1)  # [N, 1, R, H, W]
     mass = m.sum(dim=(-2, -1), keepdim=True)  # [N, 1, R, 1, 1]
-    safe_mass = torch.where(mass > 0, mass, torch.ones_like(mass))
+    present = mass > 0
+    # An empty region is dropped, gradient included: the function has no derivative there
+    # (the region's mean depends on the direction in which mass appears).
+    m = torch.where(present, m, torch.zeros_like(m))
+    safe_mass = torch.where(present, mass, torch.ones_like(mass))
     mu = (m * xs).sum(dim=(-2, -1), keepdim=True) / safe_mass
     var = (m * (xs - mu) ** 2).sum(dim=(-2, -1), keepdim=True) / safe_mass
     normalized = (m * (xs - mu) / torch.sqrt(var + eps)).sum(dim=2)
