@@ -4,9 +4,7 @@ TEST STAND-IN ONLY: the region masks here are a fixed, crude geometric layout fo
 CelebA crops (an ellipse of skin with elliptical eyes, nose and mouth, a larger ellipse of
 hair behind it, background elsewhere). They are the same for every image and are not a face
 parser; the real masks come from the data pipeline (MediaPipe). The blur is a fixed diagonal
-box (motion-like) kernel applied with ``F.conv2d``, not the project's blur synthesis
-(``facedeblur_ext.nn.BlurSynthesizer``); :class:`StandInBlurSynthesizer` wraps it in the
-synthesizer interface for training configs that must run where that class is not available.
+box (motion-like) kernel applied with ``F.conv2d``, not the project's blur synthesis.
 """
 
 from __future__ import annotations
@@ -38,11 +36,6 @@ def load_faces(size: int | tuple[int, int] = 64) -> torch.Tensor:
 
 def _ellipse(yy, xx, cy, cx, ry, rx):
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-
-
-def standin_region_labels(h: int, w: int) -> torch.Tensor:
-    """Test stand-in region labels [h, w] (0 parts, 1 skin, 2 hair, 3 background)."""
-    return _REGION_OF_CLASS[standin_parsing_labels(h, w)]
 
 
 def standin_parsing_labels(h: int, w: int) -> torch.Tensor:
@@ -81,38 +74,3 @@ def make_batch(sharp: torch.Tensor) -> dict:
     regions = F.one_hot(_REGION_OF_CLASS[parsing], NUM_REGIONS).permute(0, 3, 1, 2).float()
     return {"sharp": sharp, "blurry": motion_blur(sharp), "regions": regions,
             "parsing": parsing}
-
-
-class StandInBlurSynthesizer(torch.nn.Module):
-    """TEST STAND-IN with the interface of ``facedeblur_ext.nn.BlurSynthesizer``:
-    ``StandInBlurSynthesizer(config, generator=None)``, ``forward(images [N, C, H, W] in
-    [0, 1], mask=None, return_info=False)``.
-
-    Blurs with :func:`motion_blur` (``config["length"]``, default 7), blends with ``mask`` when
-    given (face-only blur) and adds Gaussian noise of ``config["noise_sigma"]`` drawn from
-    ``generator`` (the global RNG when None, which the data pipeline seeds per sample).
-    """
-
-    def __init__(self, config: dict | None = None, generator: torch.Generator | None = None):
-        super().__init__()
-        config = dict(config or {})
-        self.length = int(config.pop("length", 7))
-        self.noise_sigma = float(config.pop("noise_sigma", 0.0))
-        if config:
-            raise ValueError(f"unknown stand-in blur settings {sorted(config)}")
-        self.generator = generator
-
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None,
-                return_info: bool = False):
-        blurred = motion_blur(images, self.length)
-        if mask is not None:
-            blurred = mask * blurred + (1 - mask) * images
-        if self.noise_sigma > 0:
-            noise = torch.randn(images.shape, generator=self.generator, dtype=images.dtype,
-                                device=images.device)
-            blurred = blurred + self.noise_sigma * noise
-        blurred = blurred.clamp(0, 1)
-        if not return_info:
-            return blurred
-        kernel = torch.eye(self.length) / self.length
-        return blurred, {"kernels": kernel.expand(images.shape[0], -1, -1)}

@@ -2,8 +2,8 @@
 config), stage-I mIoU, exact resume, ``facedeblur deblur --model snadnet``.
 
 Region masks and parsing labels come from the data pipeline (MediaPipe, cached in a temporary
-folder); the blur is the tests' stand-in synthesizer (face_batches.py). The separable norm runs
-on the fused op where it is registered, else on the reference composition.
+folder), the blur from ``facedeblur_ext.nn.BlurSynthesizer`` (short motion kernels). The
+separable norm runs on the fused op where it is registered, else on the reference composition.
 """
 
 from __future__ import annotations
@@ -278,8 +278,6 @@ def test_deblur_cli_restores_an_image_and_a_folder(trained, tmp_path):
 # ----------------------------------------------------------------------------- blur, CUDA
 
 
-@pytest.mark.skipif(not hasattr(facedeblur_ext.nn, "BlurSynthesizer"),
-                    reason="facedeblur_ext.nn.BlurSynthesizer not in this build")
 def test_packaged_config_blur_is_the_blur_synthesizer():
     from facedeblur_ext.data import run_synthesizer
 
