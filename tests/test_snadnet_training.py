@@ -189,6 +189,18 @@ def test_runs_split_the_stages_and_route_resume(tmp_path):
                                                        "last.pt")
     assert "stages" not in first and first["task"] == "snadnet"
 
+    with pytest.raises(FileNotFoundError, match="parser_checkpoint"):
+        SNADNetTask(stage_config(config, "deblur"), torch.device("cpu")).build_models()
+
+    # --resume auto skips a stage whose checkpoint is complete (here: 7 steps of stage I).
+    (tmp_path / "parsing" / "checkpoints").mkdir(parents=True)
+    for step, runs in ((6, 2), (7, 1)):
+        torch.save({"task": "snadnet", "step": step, "epoch": 0},
+                   tmp_path / "parsing" / "checkpoints" / "last.pt")
+        assert len(SNADNetTask.runs(config, "auto")) == runs
+    assert SNADNetTask.runs(config, "auto")[0][0]["stage"] == "deblur"
+    assert len(SNADNetTask.runs(config, None)) == 2  # a fresh start retrains both
+
     # An explicit checkpoint resumes the stage that wrote it; earlier stages count as done.
     ckpt = tmp_path / "deblur.pt"
     torch.save({"task": "snadnet", "config": {"stage": "deblur"}}, ckpt)
@@ -203,8 +215,6 @@ def test_runs_split_the_stages_and_route_resume(tmp_path):
         SNADNetTask.runs({**config, "stage": "all"})
     with pytest.raises(ValueError, match="needs stage"):
         SNADNetTask(config, torch.device("cpu"))  # 'both' is two runs, not one task
-    with pytest.raises(FileNotFoundError, match="parser_checkpoint"):
-        SNADNetTask(stage_config(config, "deblur"), torch.device("cpu")).build_models()
 
 
 def test_data_root_option_needs_a_task_with_data_root(capsys):

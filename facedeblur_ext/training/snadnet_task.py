@@ -30,6 +30,7 @@ of sharp faces, blurred by the pluggable ``data.blur`` synthesizer: see
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -108,6 +109,19 @@ def stage_config(config: dict, stage: str) -> dict:
     return out
 
 
+def _finished(run_config: dict) -> bool:
+    """Whether the run's ``last.pt`` already reached its ``train.epochs`` / ``max_steps``
+    (the trainer's own stopping rule)."""
+    path = Path(run_config["output_dir"]) / "checkpoints" / "last.pt"
+    if not path.exists():
+        return False
+    state = load_checkpoint(path)
+    train = run_config.get("train") or {}
+    max_steps = train.get("max_steps")
+    return (int(state["epoch"]) >= int(train.get("epochs", 1))
+            or (max_steps is not None and int(state["step"]) >= int(max_steps)))
+
+
 class SNADNetTask(Task):
     """One stage of SNADNet (``config["stage"]``: ``parsing`` or ``deblur``); see the module
     docstring. ``facedeblur train snadnet`` runs the stages through :meth:`runs`."""
@@ -138,9 +152,10 @@ class SNADNetTask(Task):
     def runs(cls, config: dict, resume=None) -> list[tuple[dict, object]]:
         """The trainer runs of ``config["stage"]`` (``both``: stage I, then stage II).
 
-        ``resume="auto"`` continues each stage from its own last checkpoint (a finished stage
-        just reloads); an explicit checkpoint resumes the stage it was written by, earlier
-        stages count as done and later ones start afresh.
+        ``resume="auto"`` continues each stage from its own last checkpoint and skips a stage
+        whose checkpoint already reached the stage's ``train.epochs`` or ``train.max_steps``;
+        an explicit checkpoint resumes the stage it was written by, earlier stages count as
+        done and later ones start afresh.
         """
         stage = config.get("stage", "both")
         if stage not in (*STAGES, "both"):
@@ -156,11 +171,17 @@ class SNADNetTask(Task):
             names = names[names.index(ckpt_stage):]
         runs = []
         for name in names:
+            run_config = stage_config(config, name)
             if explicit:
                 run_resume = resume if name == names[0] else None
             else:
                 run_resume = resume
-            runs.append((stage_config(config, name), run_resume))
+                if resume == "auto" and _finished(run_config):
+                    if os.environ.get("RANK", "0") == "0":
+                        print(f"[resume] SNADNet stage {name} is complete in "
+                              f"{run_config['output_dir']}: skipped")
+                    continue
+            runs.append((run_config, run_resume))
         return runs
 
     # ------------------------------------------------------------------ models
