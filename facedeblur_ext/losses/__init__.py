@@ -1,1 +1,5 @@
 """facedeblur_ext.losses."""
+
+from .perceptual import LPIPSLoss
+
+__all__ = ["LPIPSLoss"]
