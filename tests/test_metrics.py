@@ -421,3 +421,16 @@ def test_inception_features_accept_iterables_and_299_inputs(inception_sets):
     # An iterable of batches; a 299x299 input skips the resize and gives the same features.
     features = metrics.inception_features(iter([sharp[:1], resized]), batch_size=1)
     assert torch.allclose(features, sharp_features[:2], atol=1e-3)
+
+
+def test_weights_provenance_names_every_file():
+    report = metrics.weights_provenance()
+    assert set(report) == {"lpips_alex", "lpips_vgg", "sface_identity_distance",
+                           "face_detection_rate", "fid_kid"}
+    for entries in report.values():
+        for entry in entries["files"]:
+            installed = _weights.package_available(
+                next(m for m, r in _weights.WEIGHT_PACKAGES.items() if r == entry["expected"]))
+            assert entry.get("missing", False) == (not installed)
+            if installed:
+                assert Path(entry["path"]).is_file() and entry["version"]

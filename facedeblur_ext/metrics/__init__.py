@@ -21,7 +21,12 @@ load on first use, so ``import facedeblur_ext.metrics`` needs none of these pack
 
 from __future__ import annotations
 
-from ._weights import WEIGHT_PACKAGES, MissingMetricWeightsError, package_available
+from ._weights import (
+    WEIGHT_PACKAGES,
+    MissingMetricWeightsError,
+    package_available,
+    weights_provenance,
+)
 from .face import detect_faces, face_detection_rate, sface_embeddings, sface_identity_distance
 from .inception import (
     fid,
@@ -54,4 +59,5 @@ __all__ = [
     "sface_embeddings",
     "sface_identity_distance",
     "ssim",
+    "weights_provenance",
 ]

