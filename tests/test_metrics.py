@@ -139,6 +139,18 @@ def test_batched_float_inputs_match_per_image_scikit_image(skimage_metrics):
             use_sample_covariance=False), abs=1e-4)
 
 
+def test_psnr_of_nearly_identical_large_images(skimage_metrics):
+    # float32 inputs are reduced in float32: check the precision where the MSE is tiny.
+    generator = torch.Generator().manual_seed(4)
+    y = torch.rand(2, 3, 384, 384, generator=generator)
+    x = (y + 1e-4 * torch.randn(y.shape, generator=generator)).clamp(0, 1)
+    ours = metrics.psnr(x, y)
+    for i in range(2):
+        expected = skimage_metrics.peak_signal_noise_ratio(
+            y[i].double().numpy(), x[i].double().numpy(), data_range=1.0)
+        assert expected > 75 and ours[i].item() == pytest.approx(expected, abs=1e-4)
+
+
 def test_grayscale_and_data_range(skimage_metrics):
     gray = np.asarray(Image.open(REPO_ROOT / "tests" / "data" / "grayscale_yale.png").convert("L"))
     noisy = np.clip(gray + np.random.default_rng(2).normal(0, 20, gray.shape), 0, 255)

