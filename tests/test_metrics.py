@@ -200,6 +200,7 @@ def test_numpy_conversion():
     assert torch.equal(batch[0, :, 2, 3], torch.from_numpy(image[2, 3]).float() / 255)
     assert metrics.as_image_batch(image[..., 0]).shape == (1, 1, 5, 7)
     assert metrics.as_image_batch(np.stack([image, image])).shape == (2, 3, 5, 7)
+    assert torch.equal(metrics.as_image_batch(torch.from_numpy(image).permute(2, 0, 1)), batch)
     with pytest.raises(TypeError):
         metrics.as_image_batch(image.astype(np.int32))
 

@@ -44,8 +44,8 @@ def as_image_batch(images: torch.Tensor | np.ndarray, *, name: str = "images") -
     """Turn images into a float tensor ``[N, C, H, W]`` in ``[0, 1]``.
 
     Args:
-        images: a tensor ``[N, C, H, W]`` or ``[C, H, W]`` (returned as a batch, values
-            untouched), or a numpy array ``[H, W]``, ``[H, W, C]`` or ``[N, H, W, C]`` (channels
+        images: a tensor ``[N, C, H, W]`` or ``[C, H, W]`` (returned as a batch; uint8
+            tensors are divided by 255, other values are untouched), or a numpy array ``[H, W]``, ``[H, W, C]`` or ``[N, H, W, C]`` (channels
             last, as OpenCV/PIL give them, RGB order assumed); uint8 arrays are divided by
             255, float arrays are taken to be in [0, 1] already.
         name: argument name for error messages.
@@ -71,6 +71,8 @@ def as_image_batch(images: torch.Tensor | np.ndarray, *, name: str = "images") -
         return tensor.permute(0, 3, 1, 2).contiguous()
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(images)}")
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255.0)
     if images.dim() == 3:
         images = images.unsqueeze(0)
     if images.dim() != 4:
