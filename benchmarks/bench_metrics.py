@@ -12,7 +12,7 @@ Per 256x256 RGB pair unless noted, batches of 8:
 
 Run (writes benchmarks/results/cpu_metrics.json, or cuda_metrics.json with --device cuda)::
 
-    PYTHONPATH=$PWD:$PWD/python python benchmarks/bench_metrics.py [--device cuda]
+    PYTHONPATH=$PWD:$PWD/python python benchmarks/bench_metrics.py [--device cuda] [--threads N]
     PYTHONPATH=$PWD:$PWD/python python -m pytest benchmarks/bench_metrics.py   # pytest-benchmark
 
 Metrics whose weight package is missing are reported as skipped.
@@ -166,7 +166,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's choice). On a CPU shared "
+                             "with other jobs, 1 avoids OpenMP workers waiting on descheduled "
+                             "siblings, which made small element-wise metrics 10-50x slower.")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device
     name = "cpu" if device == "cpu" else device.split(":")[0]
     output = args.output or REPO_ROOT / "benchmarks" / "results" / f"{name}_metrics.json"
