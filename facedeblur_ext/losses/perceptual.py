@@ -20,8 +20,9 @@ class LPIPSLoss(nn.Module):
 
     Args:
         net: ``"vgg"`` (default; the LPIPS authors recommend VGG features for optimization,
-            closer to a classic perceptual loss) or ``"alex"`` (cheaper, about 5x faster on
-            CPU at 256x256).
+            closer to a classic perceptual loss) or ``"alex"`` (far cheaper: forward and
+            backward of a 256x256 pair on one CPU thread take about 0.2 s against 6 s for VGG,
+            see benchmarks/results/cpu_metrics.json).
         input_range: ``"0,1"`` when images are in ``[0, 1]`` (the project's convention), or
             ``"-1,1"`` for generators with a tanh output in ``[-1, 1]`` (LPIPS's own range).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (``[N]`` per-pair values).

@@ -45,9 +45,10 @@ def as_image_batch(images: torch.Tensor | np.ndarray, *, name: str = "images") -
 
     Args:
         images: a tensor ``[N, C, H, W]`` or ``[C, H, W]`` (returned as a batch; uint8
-            tensors are divided by 255, other values are untouched), or a numpy array ``[H, W]``, ``[H, W, C]`` or ``[N, H, W, C]`` (channels
-            last, as OpenCV/PIL give them, RGB order assumed); uint8 arrays are divided by
-            255, float arrays are taken to be in [0, 1] already.
+            tensors are divided by 255, other values are untouched), or a numpy array
+            ``[H, W]``, ``[H, W, C]`` or ``[N, H, W, C]`` (channels last, as OpenCV/PIL give
+            them, RGB order assumed); uint8 arrays are divided by 255, float arrays are taken
+            to be in [0, 1] already.
         name: argument name for error messages.
 
     Returns:
