@@ -6,6 +6,9 @@ centre moment (``u = 0.5``) alone. INPUT is one image or a folder of images.
 
 Output layout in OUT: ``<name>.png`` for one frame; otherwise ``<name>/frame_000_u0.000.png``
 ... and ``<name>.gif``.
+
+``--full-photo`` takes whole photos instead of face crops: every detected face is deblurred
+and pasted back (see :mod:`facedeblur_ext.commands.deblur_full_photo`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=8.0, help="GIF frame rate")
     parser.add_argument("--bounce", action="store_true",
                         help="GIF plays forward then backward")
+    from facedeblur_ext.commands import deblur_full_photo
+
+    deblur_full_photo.add_arguments(parser)
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -85,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.frames < 1:
         raise SystemExit("--frames must be at least 1")
+    if args.full_photo:
+        from facedeblur_ext.commands import deblur_full_photo
+
+        return deblur_full_photo.run(args, list_inputs(Path(args.input)))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     generator = load_generator(args.checkpoint, device, resolve_backend(args.backend),
