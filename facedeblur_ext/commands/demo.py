@@ -65,7 +65,7 @@ def _load_faces(paths: list[Path], size: int):
     for path in paths:
         image = load_rgb(path)
         image = center_transform(image.shape[:2], size, size).apply_image(image)
-        images.append(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
+        images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
     return torch.stack(images).float().div_(255.0)
 
 

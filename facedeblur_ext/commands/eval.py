@@ -92,7 +92,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wiener-nsr", default="auto",
                         help="Wiener noise-to-signal ratio at the gradient scale (sigma_n^2 / "
                              "gradient energy): a number or 'auto' ((sigma_n^2 + q^2/12) / "
-                             "0.0056, at least 2e-3); see evaluation/baselines.py")
+                             "0.0056, at least 1e-2); see evaluation/baselines.py")
     parser.add_argument("--unsharp-sigma", type=float, default=DEFAULT_UNSHARP_SIGMA)
     parser.add_argument("--unsharp-amount", type=float, default=DEFAULT_UNSHARP_AMOUNT)
     parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=list(METRICS),

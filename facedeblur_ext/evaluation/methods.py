@@ -109,7 +109,7 @@ class WienerMethod(Method):
     needs_kernel: bool = True
 
     def __post_init__(self):
-        nsr = ("auto = (sigma_n^2 + 1/(12*255^2)) / 0.0056, >= 2e-3" if self.nsr == "auto"
+        nsr = ("auto = (sigma_n^2 + 1/(12*255^2)) / 0.0056, >= 1e-2" if self.nsr == "auto"
                else f"{float(self.nsr):g}")
         self.description = ("non-blind, FFT, 1/|w|^2 image spectrum (NSR(w) = nsr |D(w)|^2), "
                             f"edge-tapered reflect padding; nsr {nsr}")
