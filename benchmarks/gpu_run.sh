@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One pass on a GPU machine: build the CUDA extension, run the CUDA tests, run
 # compute-sanitizer (memcheck, racecheck) over the kernel tests, run the benchmarks.
-# Everything lands in $OUT (default benchmarks/results/gpu-latest) as at most 8 files:
-#   env.json, build.log, cuda_tests.log, sanitizer.log, bench_cuda.json, bench.log
+# Everything lands in $OUT (default benchmarks/results/gpu-latest):
+#   env.json, build.log, cuda_tests.log, sanitizer.log, bench_cuda.json (pytest-benchmark),
+#   bench.log, the benchmarks' own summaries (cuda_blur.json, cfmd_cuda.json,
+#   snadnet_cuda.json, cuda_modulated_deform_conv.json, cuda_separable_norm*.json) and
+#   bench_table.md (scripts/bench_table.py over $OUT).
 # Usage (repo root, on the GPU machine): OUT=/some/dir bash benchmarks/gpu_run.sh
 # Environment: TORCH_CUDA_ARCH_LIST (default 9.0), PYTHON (default python3),
 #   BENCH_FILTER (pytest -k expression for the benchmarks, default "cuda").
@@ -13,6 +16,9 @@ mkdir -p "$OUT"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 FACEDEBLUR_WITH_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
+# The benchmarks' summary files go to $OUT too (two spellings: bench_blur/cfmd/snadnet read
+# FACEDEBLUR_BENCH_OUT, bench_modulated_deform_conv FACEDEBLUR_BENCH_RESULTS_DIR).
+export FACEDEBLUR_BENCH_OUT="$OUT" FACEDEBLUR_BENCH_RESULTS_DIR="$OUT"
 kernel_tests=(tests/test_modulated_deform_conv.py tests/test_separable_norm.py tests/test_blur.py)
 existing_kernel_tests=()
 for t in "${kernel_tests[@]}"; do [ -f "$t" ] && existing_kernel_tests+=("$t"); done
@@ -60,4 +66,11 @@ grep "=== " "$OUT/sanitizer.log"
 echo "::: benchmarks"
 "$py" -m pytest -q -p no:cacheprovider benchmarks -k "${BENCH_FILTER:-cuda}" \
   --benchmark-json "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench.log" | tail -n 30
+# bench_separable_norm writes its bandwidth summary only in script mode.
+for dtype in float32 float16; do
+  suffix=$([ "$dtype" = float32 ] && echo "" || echo "_fp16")
+  "$py" benchmarks/bench_separable_norm.py --device cuda --dtype "$dtype" \
+    --out "$OUT/cuda_separable_norm$suffix.json" >>"$OUT/bench.log" 2>&1
+done
+"$py" scripts/bench_table.py --results "$OUT" --print >"$OUT/bench_table.md" 2>>"$OUT/bench.log"
 echo "total $(( $(date +%s) - start )) s"

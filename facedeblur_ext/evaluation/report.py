@@ -296,7 +296,10 @@ def _examples_grid(result: dict, path: Path) -> Path | None:
     examples = result.get("examples") or []
     if not examples:
         return None
-    names = [r["name"] for r in result["rows"] if r["name"] in examples[0]["outputs"]]
+    # A row that returns its input (the "blurry input" row) would repeat the blurry column.
+    names = [r["name"] for r in result["rows"] if r["name"] in examples[0]["outputs"]
+             and not all(np.array_equal(ex["outputs"][r["name"]], ex["blurry"])
+                         for ex in examples)]
     titles = ["sharp", "blurry", *names]
     rows = [[ex["sharp"], ex["blurry"], *[ex["outputs"][n] for n in names]] for ex in examples]
     row_titles = [ex.get("caption", ex["name"]) for ex in examples]
