@@ -93,11 +93,11 @@ def test_contada_block_starts_as_half_masked_plain_conv():
     x = torch.randn(2, 8, 12, 10)
     control = torch.randn(2, 4, 1, 1)
     fused = block.fused_features(x, control)
-    offset, mask = block.deform.offsets_and_masks(fused)
+    offset, mask = block.deform.offsets_and_mask(fused)
     assert offset.shape == (2, 18, 12, 10) and mask.shape == (2, 9, 12, 10)
     assert torch.all(offset == 0) and torch.all(mask == 0.5)
-    expected_dc = 0.5 * F.conv2d(fused, block.deform.weight, padding=1) + \
-        block.deform.bias.view(1, -1, 1, 1)
+    expected_dc = 0.5 * F.conv2d(fused, block.deform.deform.weight, padding=1) + \
+        block.deform.deform.bias.view(1, -1, 1, 1)
     expected = x + expected_dc * block.attention(fused)
     torch.testing.assert_close(block(x, control), expected, atol=1e-5, rtol=1e-5)
 

@@ -453,9 +453,9 @@ def test_snad_layer_regions_follow_the_paper():
 
 def test_layers_deepcopy_and_pickle_keep_their_backend():
     layer = SNADLayer(2, 3, hidden_channels=4, backend=ref)
-    assert copy.deepcopy(layer)._backend.get() is ref
-    assert pickle.loads(pickle.dumps(layer))._backend.get() is ref
-    assert pickle.loads(pickle.dumps(SeparableNorm2d()))._backend.get() is ops
+    assert copy.deepcopy(layer).backend is ref
+    assert pickle.loads(pickle.dumps(layer)).backend is ref
+    assert pickle.loads(pickle.dumps(SeparableNorm2d())).backend is None  # facedeblur_ext.ops
 
 
 def test_self_check_is_registered_and_passes():

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations
 
-from ..nn.control_adaptive import ControlAdaptiveBlock, resolve_backend
+from ..nn.backend import resolve_backend
+from ..nn.control_adaptive import ControlAdaptiveBlock
 
 __all__ = [
     "AsymmetricFeatureFusion",

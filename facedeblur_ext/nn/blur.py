@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .control_adaptive import BackendRef, resolve_backend
+from .backend import BackendRef, resolve_backend
 
 KERNEL_TYPES = ("motion", "trajectory", "gaussian", "defocus")
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .backend import BackendRef, resolve_backend
+
 __all__ = ["ModulatedDeformConv2d", "ConditionedDeformConv2d"]
 
 
@@ -14,18 +16,6 @@ def _pair(value) -> tuple[int, int]:
     if isinstance(value, (tuple, list)):
         return int(value[0]), int(value[1])
     return int(value), int(value)
-
-
-def _resolve_op(backend):
-    """The ``modulated_deform_conv2d`` function of ``backend`` (None: facedeblur_ext.ops)."""
-    if backend is None:
-        from .. import ops
-
-        backend = ops
-    op = getattr(backend, "modulated_deform_conv2d", None)
-    if op is None:
-        raise TypeError(f"backend {backend!r} has no modulated_deform_conv2d function")
-    return op
 
 
 class ModulatedDeformConv2d(nn.Module):
@@ -65,8 +55,7 @@ class ModulatedDeformConv2d(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
-        # The function, not the backend object, is kept: it survives deepcopy and pickling.
-        self._deform_conv = _resolve_op(backend)
+        self._backend = BackendRef(resolve_backend(backend))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -78,13 +67,19 @@ class ModulatedDeformConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self._deform_conv(input, offset, self.weight, self.bias, self.stride,
-                                 self.padding, self.dilation, mask)
+        deform_conv = self._backend.get("modulated_deform_conv2d")
+        return deform_conv(input, offset, self.weight, self.bias, self.stride, self.padding,
+                           self.dilation, mask)
+
+    @property
+    def backend(self):
+        """The backend object (None: ``facedeblur_ext.ops``); see ``nn.set_backend``."""
+        return self._backend.target
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, bias={self.bias is not None}")
+                f"groups={self.groups}, bias={self.bias is not None}, backend={self._backend!r}")
 
 
 class ConditionedDeformConv2d(nn.Module):
@@ -152,6 +147,10 @@ class ConditionedDeformConv2d(nn.Module):
         offset = self.offset_conv(condition)
         mask = torch.sigmoid(self.mask_conv(condition)) if self.mask_conv is not None else None
         return offset, mask
+
+    @property
+    def backend(self):
+        return self.deform.backend
 
     def forward(self, input: Tensor, condition: Tensor | None = None) -> Tensor:
         offset, mask = self.offsets_and_mask(input if condition is None else condition)

@@ -7,48 +7,17 @@ the pure-PyTorch composition).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
-from types import ModuleType
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .backend import BackendRef, resolve_backend
+
 __all__ = ["SeparableNorm2d", "SNADLayer"]
 
 _RESIZE_MODES = ("nearest", "bilinear", "area")
-
-
-def _backend_from_module(name: str) -> _Backend:
-    return _Backend(importlib.import_module(name))
-
-
-class _Backend:
-    """The object providing the op functions. Shared, not copied, by ``copy.deepcopy`` (an EMA
-    copy of a model keeps using the same ops) and pickled by module name when it is a module."""
-
-    def __init__(self, provider):
-        self.provider = provider
-
-    def get(self):
-        if self.provider is None:
-            from .. import ops
-
-            return ops
-        return self.provider
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __reduce__(self):
-        if isinstance(self.provider, ModuleType):
-            return _backend_from_module, (self.provider.__name__,)
-        return _Backend, (self.provider,)
-
-    def __repr__(self):
-        provider = self.get()
-        return getattr(provider, "__name__", type(provider).__name__)
 
 
 def _resize(t: Tensor, size: Sequence[int], mode: str) -> Tensor:
@@ -86,14 +55,19 @@ class SeparableNorm2d(nn.Module):
             raise ValueError(f"SeparableNorm2d: eps must be >= 0, got {eps}")
         self.eps = float(eps)
         self.resize_mode = _check_resize_mode(resize_mode)
-        self._backend = _Backend(backend)
+        self._backend = BackendRef(resolve_backend(backend))
 
     def forward(self, x: Tensor, masks: Tensor) -> Tensor:
         if masks.dim() != 4:
             raise ValueError(f"SeparableNorm2d: expected masks [N, R, H, W], got "
                              f"{tuple(masks.shape)}")
         masks = _resize(masks, x.shape[-2:], self.resize_mode)
-        return self._backend.get().separable_norm(x, masks, None, None, self.eps)
+        return self._backend.get("separable_norm")(x, masks, None, None, self.eps)
+
+    @property
+    def backend(self):
+        """The backend object (None: ``facedeblur_ext.ops``); see ``nn.set_backend``."""
+        return self._backend.target
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, resize_mode={self.resize_mode!r}, backend={self._backend!r}"
@@ -144,7 +118,7 @@ class SNADLayer(nn.Module):
         self.parsing_channels = parsing_channels
         self.eps = float(eps)
         self.resize_mode = _check_resize_mode(resize_mode)
-        self._backend = _Backend(backend)
+        self._backend = BackendRef(resolve_backend(backend))
         pad = kernel_size // 2
         self.conv1 = nn.Sequential(
             nn.Conv2d(parsing_channels, hidden_channels, kernel_size, padding=pad),
@@ -205,7 +179,12 @@ class SNADLayer(nn.Module):
         hidden = self.conv1(parsing)
         gamma = self.conv2(hidden)
         beta = self.conv3(hidden)
-        return self._backend.get().separable_norm(x, masks, gamma, beta, self.eps)
+        return self._backend.get("separable_norm")(x, masks, gamma, beta, self.eps)
+
+    @property
+    def backend(self):
+        """The backend object (None: ``facedeblur_ext.ops``); see ``nn.set_backend``."""
+        return self._backend.target
 
     def extra_repr(self) -> str:
         return (f"num_features={self.num_features}, parsing_channels={self.parsing_channels}, "

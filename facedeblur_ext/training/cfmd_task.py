@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..losses.cfmd import CFMDObjective, build_perceptual_loss
 from ..models.cfmd import CFMDGenerator, DiscriminatorOutput, UNetDiscriminator, image_pyramid
-from ..nn.control_adaptive import resolve_backend
+from ..nn.backend import resolve_backend
 from .task import StepContext, Task
 
 __all__ = ["CFMDTask", "preview_grid"]
