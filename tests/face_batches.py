@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from conftest import REPO_ROOT
 from PIL import Image
 
+from facedeblur_ext.data import PARSING_CLASSES
+
 FACES_DIR = REPO_ROOT / "facedeblur_ext" / "assets" / "faces"
 NUM_REGIONS = 4  # facial parts, skin, hair, background
 
@@ -36,17 +38,23 @@ def _ellipse(yy, xx, cy, cx, ry, rx):
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
 
-def standin_region_labels(h: int, w: int) -> torch.Tensor:
-    """Test stand-in region labels [h, w] (0 parts, 1 skin, 2 hair, 3 background)."""
+def standin_parsing_labels(h: int, w: int) -> torch.Tensor:
+    """Test stand-in labels [h, w] of the data pipeline's ``PARSING_CLASSES``."""
     yy, xx = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w,
                             indexing="ij")
-    labels = torch.full((h, w), 3, dtype=torch.long)
-    labels[_ellipse(yy, xx, 0.40, 0.50, 0.42, 0.40)] = 2
-    labels[_ellipse(yy, xx, 0.56, 0.50, 0.36, 0.28)] = 1
-    parts = (_ellipse(yy, xx, 0.41, 0.36, 0.04, 0.08) | _ellipse(yy, xx, 0.41, 0.64, 0.04, 0.08)
-             | _ellipse(yy, xx, 0.55, 0.50, 0.09, 0.05) | _ellipse(yy, xx, 0.72, 0.50, 0.05, 0.11))
-    labels[parts] = 0
+    cls = {name: i for i, name in enumerate(PARSING_CLASSES)}
+    labels = torch.full((h, w), cls["background"], dtype=torch.long)
+    labels[_ellipse(yy, xx, 0.40, 0.50, 0.42, 0.40)] = cls["hair"]
+    labels[_ellipse(yy, xx, 0.56, 0.50, 0.36, 0.28)] = cls["skin"]
+    labels[_ellipse(yy, xx, 0.41, 0.36, 0.04, 0.08) | _ellipse(yy, xx, 0.41, 0.64, 0.04, 0.08)] = (
+        cls["eyes"])
+    labels[_ellipse(yy, xx, 0.55, 0.50, 0.09, 0.05)] = cls["nose"]
+    labels[_ellipse(yy, xx, 0.72, 0.50, 0.05, 0.11)] = cls["lips"]
     return labels
+
+
+# region of each stand-in class (the data pipeline's CLASS_TO_REGION)
+_REGION_OF_CLASS = torch.tensor([3, 1, 0, 0, 0, 0, 0, 2])
 
 
 def motion_blur(sharp: torch.Tensor, length: int = 7) -> torch.Tensor:
@@ -59,9 +67,10 @@ def motion_blur(sharp: torch.Tensor, length: int = 7) -> torch.Tensor:
 
 
 def make_batch(sharp: torch.Tensor) -> dict:
-    """Batch dict in the data pipeline's format from sharp faces [N, 3, H, W]."""
+    """Batch dict in the data pipeline's format (``SNADNetDataset``) from sharp faces
+    [N, 3, H, W]: ``sharp``, ``blurry``, ``regions`` [N, 4, H, W] and ``parsing`` [N, H, W]."""
     n, _, h, w = sharp.shape
-    labels = standin_region_labels(h, w).expand(n, h, w).clone()
-    masks = F.one_hot(labels, NUM_REGIONS).permute(0, 3, 1, 2).float()
-    return {"sharp": sharp, "blurry": motion_blur(sharp), "region_masks": masks,
-            "parsing": labels}
+    parsing = standin_parsing_labels(h, w).expand(n, h, w).clone()
+    regions = F.one_hot(_REGION_OF_CLASS[parsing], NUM_REGIONS).permute(0, 3, 1, 2).float()
+    return {"sharp": sharp, "blurry": motion_blur(sharp), "regions": regions,
+            "parsing": parsing}

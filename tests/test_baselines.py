@@ -1,14 +1,21 @@
-"""Thesis baselines (paper 002, Sec. 4.4): skip autoencoder and the 9-block GAN."""
+"""Thesis baselines (paper 002, Sec. 4.4): skip autoencoder and the 9-block GAN, as models and
+as tasks of the shared trainer (``facedeblur train baseline_ae|baseline_gan``, ``facedeblur
+deblur --model baseline_ae|baseline_gan``)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO_ROOT
 from face_batches import load_faces, make_batch
+from PIL import Image
 
+from facedeblur_ext import cli
 from facedeblur_ext.losses.baselines import (
     autoencoder_loss,
     gan_discriminator_loss,
@@ -20,8 +27,13 @@ from facedeblur_ext.models.baselines import (
     ResnetDeblurGenerator,
     SkipAutoencoder,
     VGG19Perceptual,
+    load_baseline,
 )
-from facedeblur_ext.training.baseline_tasks import AutoencoderBaselineTask, GANBaselineTask
+from facedeblur_ext.training import get_task, load_config
+from facedeblur_ext.training.checkpoint import load_checkpoint
+
+FACES = REPO_ROOT / "facedeblur_ext" / "assets" / "faces"
+CONFIGS = REPO_ROOT / "tests" / "configs"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,22 +125,100 @@ def test_vgg19_perceptual_loads_a_local_torchvision_style_state_dict(tmp_path):
         VGG19Perceptual(path)
 
 
+class _PlainContext:
+    """A minimal StepContext (no AMP, no DDP) for driving a task without the trainer."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+        self.step = self.epoch = 0
+        self.distributed = False
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def frozen(self, *names):
+        return contextlib.nullcontext()
+
+    def optimize(self, name, loss):
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {}
+
+
+def tiny_task(name):
+    config = load_config(name, CONFIGS / f"{name}_tiny.yaml")
+    task = get_task(name)(config, torch.device("cpu"))
+    models = task.build_models()
+    return task, models, _PlainContext(task.build_optimizers(models))
+
+
+def test_baseline_configs_are_the_theses():
+    ae = load_config("baseline_ae")
+    assert ae["optim"]["lr"] == 1e-3 and ae["train"]["batch_size"] == 16
+    assert ae["loss"]["perceptual_weight"] == 0.001
+    assert ae["model"]["generator"]["widths"] == [64, 128, 256, 512]
+    gan = load_config("baseline_gan")
+    assert (gan["optim"]["lr"], gan["optim"]["betas"]) == (2e-4, [0.5, 0.999])
+    assert gan["loss"]["content_weight"] == 100.0
+    assert gan["model"]["generator"]["num_blocks"] == 9
+    for config in (ae, gan):
+        assert config["train"]["epochs"] == 50
+        assert config["data"]["blur"]["args"]["config"]["motion_prob"] == 1.0
+
+
 def test_autoencoder_steps_reduce_the_loss(faces64):
     torch.manual_seed(0)
-    task = AutoencoderBaselineTask(widths=(8, 16, 32, 64))
+    task, models, ctx = tiny_task("baseline_ae")
+    assert isinstance(ctx.optimizers["generator"], torch.optim.Adam)
+    assert ctx.optimizers["generator"].defaults["lr"] == 1e-3
     batch = make_batch(faces64[:4])
-    losses = [task.train_step(batch)["mse"] for _ in range(40)]
+    losses = [task.training_step(models, batch, ctx)["mse"] for _ in range(40)]
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_gan_baseline_steps_reduce_the_content_loss_and_round_trip(faces64):
+def test_gan_baseline_steps_reduce_the_content_loss(faces64):
     torch.manual_seed(0)
-    task = GANBaselineTask(gen_width=4, num_blocks=9, disc_width=4)
+    task, models, ctx = tiny_task("baseline_gan")
+    assert ctx.optimizers["discriminator"].defaults["betas"] == (0.5, 0.999)
     batch = make_batch(faces64[:4])
-    logs = [task.train_step(batch) for _ in range(8)]
+    logs = [task.training_step(models, batch, ctx) for _ in range(8)]
     content = [log["content"] for log in logs]
     assert content[-1] < 0.8 * content[0], content
     assert all(math.isfinite(v) for log in logs for v in log.values())
-    other = GANBaselineTask(gen_width=4, num_blocks=9, disc_width=4)
-    other.load_state_dict(task.state_dict())
-    torch.testing.assert_close(other.deblur(batch["blurry"]), task.deblur(batch["blurry"]))
+
+
+@pytest.fixture(scope="module")
+def face_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("face_cache")
+
+
+@pytest.mark.parametrize("name", ["baseline_ae", "baseline_gan"])
+def test_cli_trains_a_baseline_and_deblurs_with_it(name, tmp_path, face_cache):
+    pytest.importorskip("mediapipe")  # face masks of the data pipeline
+    run_dir = tmp_path / "run"
+    argv = ["train", name, "--config", str(CONFIGS / f"{name}_tiny.yaml"), "-o", str(run_dir),
+            "--data-root", str(FACES), f"data.analyzer.cache_dir={face_cache}"]
+    assert cli.main(argv) == 0
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(ckpt_path)
+    assert ckpt["task"] == name and ckpt["step"] == 3  # 6 training faces, batch 2
+    val = (run_dir / "val.csv").read_text().splitlines()
+    assert val[0].startswith("step,epoch,psnr,ssim") and len(val) == 2
+    assert (run_dir / "samples" / "step_00000003.png").exists()
+
+    image = tmp_path / "real.png"
+    Image.open(FACES / "realblur_shen_2.png").convert("RGB").resize((70, 53)).save(image)
+    out = tmp_path / "out"
+    assert cli.main(["deblur", "--model", name, "--checkpoint", str(ckpt_path), "--device",
+                     "cpu", str(image), "-o", str(out)]) == 0
+    restored = np.asarray(Image.open(out / "real.png"))
+    assert restored.shape == (53, 70, 3)
+    x = torch.from_numpy(np.asarray(Image.open(image), dtype=np.float32) / 255)
+    expected = load_baseline(ckpt_path).restore(x.permute(2, 0, 1)[None])[0]
+    np.testing.assert_array_equal(
+        restored, expected.mul(255).round().byte().permute(1, 2, 0).numpy())
+    other = "baseline_gan" if name == "baseline_ae" else "baseline_ae"
+    with pytest.raises(ValueError, match=f"not a {other} checkpoint"):
+        load_baseline(ckpt_path, task=other)

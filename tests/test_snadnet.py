@@ -7,8 +7,8 @@ reference composition where it is registered.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import io
 import math
 
 import facedeblur_ref
@@ -31,21 +31,28 @@ from facedeblur_ext.losses.snadnet import (
 from facedeblur_ext.models.face_parsing import (
     FaceParsingNet,
     confusion_matrix,
+    evaluate_parsing,
     iou_from_confusion,
     mean_iou,
+    parsing_labels,
 )
 from facedeblur_ext.models.snadnet import (
     MultiPatchDiscriminator,
     ParsingSNAD,
+    SNADNet,
     SNADNetGenerator,
 )
-from facedeblur_ext.training.snadnet_task import SNADNetConfig, SNADNetTask
+from facedeblur_ext.training import load_config
+from facedeblur_ext.training.checkpoint import atomic_torch_save
+from facedeblur_ext.training.snadnet_task import SNADNetTask, stage_config
 
-SMALL = dict(
-    parser_width=8, parser_context_channels=16, parser_fusion_channels=16,
-    gen_width=8, gen_stages=4, ad_hidden=16,
-    disc_width=8, disc_max_width=32, disc_blocks=5,
-)
+# Reduced widths through config overrides (the packaged config keeps the paper's sizes).
+SMALL = [
+    "model.backend=facedeblur_ref",
+    "model.parser={width: 8, context_channels: 16, fusion_channels: 16}",
+    "model.generator={width: 8, num_stages: 4, ad_hidden: 16}",
+    "model.discriminator={width: 8, max_width: 32, num_blocks: 5}",
+]
 
 
 def fused_available() -> bool:
@@ -131,9 +138,9 @@ def test_every_parameter_receives_a_gradient(faces64):
     batch = make_batch(faces64[:2])
     gen = small_generator()
     disc = MultiPatchDiscriminator(width=8, max_width=32, num_blocks=5)
-    fake, textures = gen(batch["blurry"], batch["parsing"], return_textures=True)
+    fake, textures = gen(batch["blurry"], parsing_labels(batch), return_textures=True)
     d_fake, d_real = disc(fake), disc(batch["sharp"])
-    g_loss, _ = snadnet_generator_loss(fake, batch["sharp"], batch["region_masks"], textures,
+    g_loss, _ = snadnet_generator_loss(fake, batch["sharp"], batch["regions"], textures,
                                        d_fake, d_real)
     d_loss = relativistic_adversarial_loss(d_real, d_fake)
     (g_loss + d_loss).backward()
@@ -143,7 +150,7 @@ def test_every_parameter_receives_a_gradient(faces64):
 
     parser = FaceParsingNet(width=8, context_channels=16, fusion_channels=16)
     outs = parser(batch["blurry"], return_aux=True)
-    sum(focal_loss(o, batch["parsing"]) for o in outs).backward()
+    sum(focal_loss(o, parsing_labels(batch)) for o in outs).backward()
     for name, p in parser.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
@@ -201,8 +208,8 @@ def test_fused_backend_matches_reference_composition(faces64):
     gen_fused.load_state_dict(gen_ref.state_dict())
     outs = []
     for gen in (gen_ref, gen_fused):
-        out, textures = gen(batch["blurry"], batch["parsing"], return_textures=True)
-        loss = multi_region_reconstruction_loss(out, batch["sharp"], batch["region_masks"])
+        out, textures = gen(batch["blurry"], parsing_labels(batch), return_textures=True)
+        loss = multi_region_reconstruction_loss(out, batch["sharp"], batch["regions"])
         loss = loss + texture_loss(textures, batch["sharp"])
         loss.backward()
         outs.append((out.detach(), [p.grad.clone() for p in gen.parameters()]))
@@ -288,37 +295,101 @@ def test_miou_on_known_label_maps():
 # ----------------------------------------------------------------------------- training
 
 
-def test_paper_hyper_parameters_are_the_defaults():
-    cfg = SNADNetConfig()
-    assert (cfg.parser_lr, cfg.parser_momentum, cfg.parser_weight_decay) == (0.02, 0.9, 5e-4)
-    assert cfg.focal_gamma == 2.0
-    assert (cfg.lr, cfg.betas) == (2e-4, (0.5, 0.999))
-    assert (cfg.rec_weight, cfg.adv_weight, cfg.texture_weight) == (120.0, 0.1, 1.0)
-    task = SNADNetTask(SNADNetConfig(**SMALL), backend=facedeblur_ref)
-    assert isinstance(task.parser_optimizer, torch.optim.SGD)
-    assert task.generator_optimizer.defaults["betas"] == (0.5, 0.999)
-    with pytest.raises(ValueError, match="unknown SNADNet config keys"):
-        SNADNetConfig.from_dict({"gen_widht": 8})
+class _PlainContext:
+    """A minimal StepContext (no AMP, no DDP) for driving the task without the trainer."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+        self.step = self.epoch = 0
+        self.distributed = False
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def frozen(self, *names):
+        return contextlib.nullcontext()
+
+    def optimize(self, name, loss):
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {}
 
 
-def test_stage1_steps_reduce_the_focal_loss_and_improve_miou(faces64):
+def stage_task(stage, tmp_path, *overrides):
+    """(task, models, context) of one stage, built as the trainer builds them."""
+    config = stage_config(load_config("snadnet", None, [f"output_dir={tmp_path}", *SMALL,
+                                                        *overrides]), stage)
+    task = SNADNetTask(config, torch.device("cpu"))
+    models = task.build_models()
+    return task, models, _PlainContext(task.build_optimizers(models))
+
+
+def stage1_checkpoint(tmp_path, parser) -> str:
+    """A stage-I checkpoint holding ``parser`` (what stage II loads)."""
+    path = tmp_path / "parsing" / "checkpoints" / "last.pt"
+    atomic_torch_save({"task": "snadnet", "config": {"stage": "parsing"},
+                       "models": {"parser": parser.state_dict()}, "ema": {}}, path)
+    return str(path)
+
+
+def test_paper_hyper_parameters_are_the_defaults(tmp_path):
+    task, models, ctx = stage_task("parsing", tmp_path)
+    sgd = ctx.optimizers["parser"]
+    assert isinstance(sgd, torch.optim.SGD)
+    assert {k: sgd.defaults[k] for k in ("lr", "momentum", "weight_decay")} == {
+        "lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}
+    assert task.loss["focal_gamma"] == 2.0
+    assert (task.loss["rec_weight"], task.loss["adv_weight"], task.loss["texture_weight"]) == (
+        120.0, 0.1, 1.0)
+    assert tuple(task.loss["region_weights"]) == REGION_WEIGHTS == (10.0, 12.0, 8.0, 6.0)
+    assert tuple(task.loss["head_weights"]) == ADV_HEAD_WEIGHTS
+
+    stage1_checkpoint(tmp_path, models["parser"])
+    task, models, ctx = stage_task("deblur", tmp_path)
+    for name in ("generator", "discriminator"):
+        adam = ctx.optimizers[name]
+        assert isinstance(adam, torch.optim.Adam)
+        assert (adam.defaults["lr"], adam.defaults["betas"]) == (2e-4, (0.5, 0.999))
+    # Stage II optimizes the generator only: the frozen parser is not in its optimizer.
+    optimized = {id(p) for g in ctx.optimizers["generator"].param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in models["generator"].generator.parameters()}
+    with pytest.raises(ValueError, match="unknown SNADNet loss keys"):
+        SNADNetTask(stage_config(load_config("snadnet", None, ["loss.rec_wieght=1"]),
+                                 "parsing"), torch.device("cpu"))
+
+
+def test_stage1_steps_reduce_the_focal_loss_and_improve_miou(faces64, tmp_path):
     torch.manual_seed(0)
-    task = SNADNetTask(SNADNetConfig(**SMALL), backend=facedeblur_ref)
+    task, models, ctx = stage_task("parsing", tmp_path)
     train = make_batch(faces64[:6])
     held_out = [make_batch(faces64[6:])]
-    before = task.evaluate_parsing(held_out)["miou"]
-    losses = [task.parsing_step(train)["focal"] for _ in range(12)]
-    after = task.evaluate_parsing(held_out)
+    before = evaluate_parsing(models["parser"], held_out)["miou"]
+    losses = [task.training_step(models, train, ctx)["focal"] for _ in range(12)]
+    after = evaluate_parsing(models["parser"], held_out)
     assert losses[-1] < 0.6 * losses[0], losses
     assert after["miou"] > before, (before, after)
     assert 0.0 <= after["pixel_accuracy"] <= 1.0
+    # The task's validation hooks give the same mIoU as evaluate_parsing.
+    models["parser"].eval()
+    task.validation_step(models, held_out[0])
+    assert task.validation_results()["miou"] == pytest.approx(after["miou"])
+    assert task.validation_results() == {}  # reading the results resets them
 
 
-def test_stage2_steps_reduce_the_generator_loss(faces64):
+def test_stage2_steps_reduce_the_generator_loss(faces64, tmp_path):
     torch.manual_seed(0)
-    task = SNADNetTask(SNADNetConfig(**SMALL), backend=facedeblur_ref)
+    parser = FaceParsingNet(width=8, context_channels=16, fusion_channels=16)
+    stage1_checkpoint(tmp_path, parser)
+    task, models, ctx = stage_task("deblur", tmp_path)
+    snadnet = models["generator"]
+    assert isinstance(snadnet, SNADNet)
+    for a, b in zip(snadnet.parser.state_dict().values(), parser.state_dict().values()):
+        assert torch.equal(a, b)  # the stage-I weights
+    parser_before = copy.deepcopy(snadnet.parser.state_dict())
     batch = make_batch(faces64[:4])
-    logs = [task.deblur_step(batch) for _ in range(10)]
+    logs = [task.training_step(models, batch, ctx) for _ in range(10)]
     assert all(math.isfinite(v) for log in logs for v in log.values())
     assert set(logs[0]) >= {"generator_total", "rec", "adv", "texture", "discriminator",
                             "rec_skin", "rec_facial_parts", "rec_hair", "rec_background"}
@@ -327,33 +398,15 @@ def test_stage2_steps_reduce_the_generator_loss(faces64):
     # The generator starts near the identity; after a few steps it is already closer to the
     # sharp faces than the blurry input is (in the multi-region loss).
     identity = float(multi_region_reconstruction_loss(batch["blurry"], batch["sharp"],
-                                                      batch["region_masks"]))
+                                                      batch["regions"]))
     assert recs[-1] < identity, (recs, identity)
     assert logs[-1]["generator_total"] < logs[0]["generator_total"]
-    out = task.deblur(batch["blurry"])
-    assert out.shape == batch["sharp"].shape and 0.0 <= float(out.min()) <= float(out.max()) <= 1.0
-
-
-def test_state_dict_round_trip_resumes_identically(faces64):
-    batch = make_batch(faces64[:2])
-    task = SNADNetTask(SNADNetConfig(**SMALL), backend=facedeblur_ref)
-    task.parsing_step(batch)
-    task.deblur_step(batch)
-    buffer = io.BytesIO()
-    torch.save(task.state_dict(), buffer)
-    buffer.seek(0)
-    restored = SNADNetTask.from_state_dict(torch.load(buffer, weights_only=False),
-                                           backend=facedeblur_ref)
-    assert restored.config == task.config
-    torch.testing.assert_close(restored.deblur(batch["blurry"]), task.deblur(batch["blurry"]))
-    # Resuming: the next steps give the same losses (optimizer states restored too).
-    torch.manual_seed(1)
-    a = task.deblur_step(batch) | task.parsing_step(batch)
-    torch.manual_seed(1)
-    b = restored.deblur_step(batch) | restored.parsing_step(batch)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+    # The parser stayed frozen (weights and batch-norm statistics) and in eval mode.
+    assert not snadnet.parser.training and snadnet.training
+    for name, value in snadnet.parser.state_dict().items():
+        assert torch.equal(value, parser_before[name]), name
+    out = snadnet.restore(batch["blurry"][:, :, :50, :45])  # any size: padded and cropped
+    assert out.shape == (4, 3, 50, 45) and 0.0 <= float(out.min()) <= float(out.max()) <= 1.0
 
 
 @pytest.mark.slow

@@ -1,10 +1,16 @@
-"""``facedeblur train TASK``: train a model (cfmd, ...) from a config file plus overrides.
+"""``facedeblur train TASK``: train a model (cfmd, snadnet) from a config file plus overrides.
 
 Examples::
 
     facedeblur train cfmd --config my.yaml train.batch_size=4 optim.lr=2e-4
     facedeblur train cfmd --config my.yaml --resume auto          # continue the last run
     torchrun --nproc_per_node 4 -m facedeblur_ext train cfmd --config my.yaml   # DDP
+    facedeblur train snadnet --data-root faces/ -o runs/snadnet   # stage I, then stage II
+    facedeblur train snadnet --data-root faces/ -o runs/snadnet stage=deblur \
+        stages.deblur.train.epochs=50                             # stage II only
+
+A task trained in stages (SNADNet) runs one trainer per stage, in order, each writing to
+``<output_dir>/<stage>/``; ``--resume auto`` continues every stage from its own checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", default=None,
                         help="YAML or TOML file merged over the task's packaged defaults")
     parser.add_argument("--output-dir", "-o", default=None, help="run folder (output_dir)")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="data.root: the folder of training images, for tasks whose config "
+                             "has that key (snadnet)")
     parser.add_argument("--resume", default=None, metavar="CKPT|auto",
                         help="continue from a checkpoint, or 'auto' for <output_dir>/"
                              "checkpoints/last.pt when it exists")
@@ -36,26 +45,47 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from facedeblur_ext.training import load_config
+    from facedeblur_ext.training import get_task, load_config
     from facedeblur_ext.training.trainer import Trainer
 
     overrides = list(args.overrides)
     if args.output_dir is not None:
         overrides.append(f"output_dir={args.output_dir}")
     config = load_config(args.task, args.config, overrides)
+    if args.data_root is not None:
+        data = config.get("data")
+        if not isinstance(data, dict) or "root" not in data:
+            raise SystemExit(f"--data-root: the {args.task} config has no data.root; set its "
+                             "data paths with overrides (see --print-config)")
+        data["root"] = args.data_root  # set directly: a path is not parsed as YAML
     if args.print_config:
         print(yaml.safe_dump(config, sort_keys=False))
         return 0
-    result = Trainer(config, resume=args.resume).fit()
-    if result["stopped_by_signal"]:
-        print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']} "
-              f"(resume with --resume {result['checkpoint']})")
-        sig = result["stopped_by_signal"]
-        return 128 + sig if sig > 0 else 1
-    if result["checkpoint"] is not None:
-        print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
-        if result["last_val"]:
-            v = result["last_val"]
-            print(f"validation: PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}")
+    task = get_task(config["task"])
+    for run_config, resume in task.runs(config, args.resume):
+        result = Trainer(run_config, task=task, resume=resume).fit()
+        if result["stopped_by_signal"]:
+            print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']} "
+                  f"(resume with --resume {result['checkpoint']})")
+            sig = result["stopped_by_signal"]
+            return 128 + sig if sig > 0 else 1
+        if result["checkpoint"] is not None:
+            print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
+            if result["last_val"]:
+                print("validation: " + describe_metrics(result["last_val"]))
     return 0
 
+
+def describe_metrics(values: dict) -> str:
+    """``PSNR 28.10 dB, SSIM 0.8123, miou 0.7012`` for the metrics of a validation result."""
+    parts = []
+    for key, value in values.items():
+        if key in ("step", "epoch"):
+            continue
+        if key == "psnr":
+            parts.append(f"PSNR {value:.2f} dB")
+        elif key == "ssim":
+            parts.append(f"SSIM {value:.4f}")
+        else:
+            parts.append(f"{key} {value:.4g}")
+    return ", ".join(parts)

@@ -1,6 +1,6 @@
 """SNADNet losses [paper 004, Eq. 2 and 10-17].
 
-Region order used throughout (the data pipeline's ``region_masks`` order):
+Region order used throughout (the order of the data pipeline's ``regions`` masks):
 ``0 facial parts, 1 skin, 2 hair, 3 background``.
 """
 

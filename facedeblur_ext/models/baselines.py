@@ -14,7 +14,9 @@
   local weights file only (nothing is downloaded).
 
 All models take and return images in [0, 1]; the tanh generator maps [0, 1] to [-1, 1] on the
-way in and back on the way out.
+way in and back on the way out. The restoring models have ``restore(blurry)`` for any image size
+and :func:`load_baseline` rebuilds one from a checkpoint of ``facedeblur train baseline_ae`` or
+``baseline_gan``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .face_parsing import check_spatial_multiple
+
+
+def _restore_padded(model: nn.Module, blurry: Tensor, multiple: int) -> Tensor:
+    """``model(blurry)`` for any H and W: edge-replicated up to multiples of ``multiple``,
+    cropped back and clamped to [0, 1]."""
+    h, w = blurry.shape[-2:]
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    x = F.pad(blurry, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else blurry
+    return model(x)[..., :h, :w].clamp(0.0, 1.0)
 
 
 class SkipAutoencoder(nn.Module):
@@ -64,6 +75,11 @@ class SkipAutoencoder(nn.Module):
         d2 = F.relu(self.dec3(d3)) + e2
         d1 = F.relu(self.dec2(d2))
         return torch.sigmoid(self.dec1(d1))
+
+    @torch.no_grad()
+    def restore(self, blurry: Tensor) -> Tensor:
+        """The output for any image size (padded to multiples of 16 and cropped back)."""
+        return _restore_padded(self, blurry, 16)
 
 
 class _ResnetBlock(nn.Module):
@@ -114,6 +130,11 @@ class ResnetDeblurGenerator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_spatial_multiple(x, 4, "ResnetDeblurGenerator")
         return (self.net(x * 2.0 - 1.0) + 1.0) * 0.5
+
+    @torch.no_grad()
+    def restore(self, blurry: Tensor) -> Tensor:
+        """The output for any image size (padded to multiples of 4 and cropped back)."""
+        return _restore_padded(self, blurry, 4)
 
 
 class BNDiscriminator(nn.Module):
@@ -195,3 +216,40 @@ class VGG19Perceptual(nn.Module):
         fp = self.features((pred - self.mean) / self.std)
         ft = self.features((target - self.mean) / self.std)
         return F.mse_loss(fp, ft)
+
+
+#: task name -> restoring model class (the ``generator`` of the task's checkpoints)
+BASELINE_MODELS = {"baseline_ae": SkipAutoencoder, "baseline_gan": ResnetDeblurGenerator}
+
+
+def build_baseline(task: str, generator_config: dict | None = None) -> nn.Module:
+    """The restoring model of baseline ``task`` from its ``model.generator`` table."""
+    if task not in BASELINE_MODELS:
+        raise ValueError(f"unknown baseline {task!r}; known: {sorted(BASELINE_MODELS)}")
+    args = dict(generator_config or {})
+    if "widths" in args:
+        args["widths"] = tuple(args["widths"])
+    return BASELINE_MODELS[task](**args)
+
+
+def load_baseline(checkpoint_path, device="cpu", prefer_ema: bool = True,
+                  task: str | None = None) -> nn.Module:
+    """The restoring model of a baseline training checkpoint, in eval mode on ``device``.
+
+    Args:
+        checkpoint_path: written by ``facedeblur train baseline_ae`` or ``baseline_gan``.
+        device: where to put the model.
+        prefer_ema: use the EMA weights when the checkpoint has them.
+        task: the baseline expected (None: either).
+    """
+    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    found = ckpt.get("task")
+    if found not in BASELINE_MODELS or (task is not None and found != task):
+        raise ValueError(f"{checkpoint_path} is not a {task or 'baseline'} checkpoint "
+                         f"(task={found!r})")
+    task = found
+    model = build_baseline(task, ckpt["config"]["model"].get("generator"))
+    ema = ckpt.get("ema") or {}
+    state = ema.get("generator") if prefer_ema and ema.get("generator") else None
+    model.load_state_dict(state if state is not None else ckpt["models"]["generator"])
+    return model.to(device).eval()

@@ -247,8 +247,8 @@ def evaluate_parsing(
 
     Args:
         model: the parser (switched to eval mode for the evaluation and restored afterwards).
-        batches: dicts with ``image_key`` [N, 3, H, W] and either ``parsing`` [N, H, W] labels
-            or ``region_masks`` [N, K, H, W] (labels are their arg-max).
+        batches: data-pipeline dicts with ``image_key`` [N, 3, H, W] and ``parsing`` labels or
+            ``regions`` masks (see :func:`parsing_labels`).
         device: where to run (default: the model's device).
         image_key: which image to parse (SNADNet parses the blurry input).
 
@@ -277,10 +277,32 @@ def evaluate_parsing(
 
 
 def parsing_labels(batch: dict) -> Tensor:
-    """Region labels [N, H, W] of a batch: ``parsing`` if present, else the arg-max of
-    ``region_masks``."""
+    """Region labels [N, H, W] (facial parts, skin, hair, background) of a data-pipeline batch.
+
+    ``parsing`` holds the pipeline's finer classes (:data:`facedeblur_ext.data.PARSING_CLASSES`),
+    grouped into the four regions by :data:`facedeblur_ext.data.CLASS_TO_REGION`; without it
+    the labels are the arg-max of the ``regions`` masks.
+    """
     if "parsing" in batch:
-        return batch["parsing"].long()
-    if "region_masks" in batch:
-        return batch["region_masks"].argmax(dim=1)
-    raise KeyError("batch has neither 'parsing' labels nor 'region_masks'")
+        from ..data.masks import CLASS_TO_REGION
+
+        parsing = batch["parsing"].long()
+        lut = torch.as_tensor(CLASS_TO_REGION, device=parsing.device)
+        return lut[parsing]
+    if "regions" in batch:
+        return batch["regions"].argmax(dim=1)
+    raise KeyError("batch has neither 'parsing' labels nor 'regions' masks")
+
+
+#: display colours (RGB in [0, 1]) of the regions: facial parts, skin, hair, background
+REGION_COLORS = ((0.90, 0.20, 0.20), (0.95, 0.75, 0.55), (0.35, 0.22, 0.10), (0.15, 0.15, 0.20))
+
+
+def colorize_regions(parsing: Tensor) -> Tensor:
+    """An RGB picture [N, 3, H, W] in [0, 1] of region labels [N, H, W] or a parsing map
+    [N, R, H, W] (its arg-max), with :data:`REGION_COLORS` (grey for further classes)."""
+    labels = parsing.argmax(dim=1) if parsing.dim() == 4 else parsing.long()
+    count = max(len(REGION_COLORS), int(labels.max()) + 1 if labels.numel() else 0)
+    colors = torch.full((count, 3), 0.5)
+    colors[: len(REGION_COLORS)] = torch.tensor(REGION_COLORS)
+    return colors.to(labels.device)[labels].permute(0, 3, 1, 2).contiguous()

@@ -40,18 +40,24 @@ Where the paper leaves a detail open, this is what we chose:
 Size constraint: the generator needs H and W to be multiples of ``2 ** num_stages`` (16 by
 default); it raises a ValueError otherwise. The discriminator takes any size (each block
 gives ceil(H / 2) x ceil(W / 2)); the head map sizes above are those of a 256 px input.
+
+:class:`SNADNet` is the whole deblurring network of stage II and inference: the stage-I face
+parser, frozen, computing the parsing map that drives the generator. ``build_*`` make the
+networks from the ``model`` table of a training config and :func:`load_snadnet` restores a
+trained SNADNet from a stage-II checkpoint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from .face_parsing import check_spatial_multiple
+from .face_parsing import PARSER_STRIDE, FaceParsingNet, check_spatial_multiple
 
 
 class _BackendRef:
@@ -334,6 +340,129 @@ class SNADNetGenerator(nn.Module):
     def deblur(self, blurry: Tensor, parsing: Tensor) -> Tensor:
         """Inference helper: the output clamped to [0, 1]."""
         return self(blurry, parsing).clamp_(0.0, 1.0)
+
+
+class SNADNet(nn.Module):
+    """SNADNet's deblurring network: the stage-I face parser, frozen, feeding the generator.
+
+    Stage II trains the generator with the parser fixed [004 Sec. III-A], so the parser always
+    runs in eval mode and without gradients, whatever mode this module is in, and its
+    parameters have ``requires_grad=False``: optimizers built from the trainable parameters,
+    DDP and gradient clipping leave it alone.
+
+    Args:
+        parser: the trained face parser; its classes are the generator's parsing channels.
+        generator: the SNADNet generator.
+        parsing_input: how the generator sees the parser's output: ``"onehot"`` (the arg-max
+            labels, the paper's semantic label ``P_t``) or ``"soft"`` (class probabilities).
+
+    ``forward(blurry, return_textures=False)`` parses ``blurry`` [N, 3, H, W] in [0, 1] (H and W
+    multiples of :attr:`size_multiple`) and returns the generator's output (and its texture
+    predictions); :meth:`restore` takes any size and clamps to [0, 1].
+    """
+
+    def __init__(self, parser: FaceParsingNet, generator: SNADNetGenerator,
+                 parsing_input: str = "onehot"):
+        super().__init__()
+        if parsing_input not in ("onehot", "soft"):
+            raise ValueError(f"parsing_input must be 'onehot' or 'soft', got {parsing_input!r}")
+        if parser.num_classes != generator.parsing_channels:
+            raise ValueError(f"the parser predicts {parser.num_classes} classes but the "
+                             f"generator expects {generator.parsing_channels} parsing channels")
+        self.parser = parser.requires_grad_(False).eval()
+        self.generator = generator
+        self.parsing_input = parsing_input
+
+    def train(self, mode: bool = True) -> SNADNet:
+        super().train(mode)
+        self.parser.eval()  # frozen: batch-norm statistics of stage I, no updates
+        return self
+
+    @property
+    def size_multiple(self) -> int:
+        """H and W of ``forward`` inputs must be multiples of this (parser and generator)."""
+        return math.lcm(PARSER_STRIDE, self.generator.size_multiple)
+
+    @torch.no_grad()
+    def parse(self, blurry: Tensor) -> Tensor:
+        """The parsing map [N, R, H, W] of blurry faces (one-hot or probabilities)."""
+        return self.parser.parse(blurry, soft=self.parsing_input == "soft")
+
+    def forward(self, blurry: Tensor, return_textures: bool = False):
+        return self.generator(blurry, self.parse(blurry), return_textures=return_textures)
+
+    @torch.no_grad()
+    def restore(self, blurry: Tensor, return_parsing: bool = False):
+        """Deblur images of any size: pad H and W to :attr:`size_multiple` by edge replication,
+        run, crop back and clamp to [0, 1].
+
+        Returns:
+            [N, 3, H, W]; with ``return_parsing`` also the parsing map [N, R, H, W] used.
+        """
+        h, w = blurry.shape[-2:]
+        m = self.size_multiple
+        pad_h, pad_w = (-h) % m, (-w) % m
+        x = F.pad(blurry, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else blurry
+        parsing = self.parse(x)
+        out = self.generator(x, parsing)[..., :h, :w].clamp(0.0, 1.0)
+        if return_parsing:
+            return out, parsing[..., :h, :w]
+        return out
+
+
+def build_parser(model_config: Mapping) -> FaceParsingNet:
+    """The stage-I parser of a config's ``model`` table (``num_regions``, ``parser``)."""
+    return FaceParsingNet(num_classes=int(model_config.get("num_regions", 4)),
+                          **(model_config.get("parser") or {}))
+
+
+def build_generator(model_config: Mapping, backend=None) -> SNADNetGenerator:
+    """The generator of a config's ``model`` table (``num_regions``, ``generator``)."""
+    args = dict(model_config.get("generator") or {})
+    if "face_regions" in args:
+        args["face_regions"] = tuple(args["face_regions"])
+    return SNADNetGenerator(parsing_channels=int(model_config.get("num_regions", 4)),
+                            backend=backend, **args)
+
+
+def build_discriminator(model_config: Mapping) -> MultiPatchDiscriminator:
+    """The multi-patch discriminator of a config's ``model`` table (``discriminator``)."""
+    return MultiPatchDiscriminator(**(model_config.get("discriminator") or {}))
+
+
+def build_snadnet(model_config: Mapping, parser: FaceParsingNet | None = None,
+                  backend=None) -> SNADNet:
+    """A :class:`SNADNet` from a config's ``model`` table (a new parser unless given)."""
+    return SNADNet(parser if parser is not None else build_parser(model_config),
+                   build_generator(model_config, backend),
+                   model_config.get("parsing_input", "onehot"))
+
+
+def load_snadnet(checkpoint_path, device="cpu", backend=None, prefer_ema: bool = True
+                 ) -> SNADNet:
+    """The SNADNet (parser and generator) of a stage-II training checkpoint, in eval mode.
+
+    Args:
+        checkpoint_path: ``<run>/deblur/checkpoints/*.pt`` written by ``facedeblur train
+            snadnet``.
+        device: where to put the model.
+        backend: separable-norm provider (None: the fused op ``facedeblur_ext.ops``).
+        prefer_ema: use the EMA weights when the checkpoint has them.
+    """
+    ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    config = ckpt.get("config") or {}
+    if ckpt.get("task") != "snadnet":
+        raise ValueError(f"{checkpoint_path} is not a SNADNet checkpoint "
+                         f"(task={ckpt.get('task')!r})")
+    if config.get("stage") != "deblur":
+        raise ValueError(f"{checkpoint_path} is a checkpoint of SNADNet's {config.get('stage')!r}"
+                         " stage; deblurring needs the stage-II checkpoint "
+                         "(<output_dir>/deblur/checkpoints/last.pt)")
+    model = build_snadnet(config.get("model") or {}, backend=backend)
+    ema = ckpt.get("ema") or {}
+    state = ema.get("generator") if prefer_ema and ema.get("generator") else None
+    model.load_state_dict(state if state is not None else ckpt["models"]["generator"])
+    return model.to(device).eval()
 
 
 class SNBranchBlock(nn.Module):

@@ -1,15 +1,22 @@
-"""Per-step training logic of the thesis baselines [paper 002, Sec. 4.4, Tables 4.1-4.2].
+"""The thesis baselines as tasks of the shared trainer [paper 002, Sec. 4.4, Tables 4.1-4.2].
 
-Like :mod:`facedeblur_ext.training.snadnet_task`: no loop, the shared trainer drives the steps.
-Batches are dicts with ``blurry`` and ``sharp`` [N, 3, H, W] in [0, 1].
+* ``baseline_ae`` (:class:`AutoencoderTask`): the skip autoencoder with
+  ``MSE + 0.001 perceptual`` (VGG19 conv4_2, only when ``loss.vgg19_weights`` names a local
+  weights file: nothing is downloaded), Adam lr 1e-3, batch 16.
+* ``baseline_gan`` (:class:`GANBaselineTask`): the 9-residual-block generator and the
+  batch-norm discriminator, generator loss ``BCE + 100 MSE + (1 - SSIM)``, discriminator BCE,
+  Adam lr 2e-4, betas (0.5, 0.999), batch 16.
+
+Batches are dicts with ``blurry`` and ``sharp`` [N, 3, H, W] in [0, 1] (the data pipeline's
+``KernelBlurDataset``; see :mod:`facedeblur_ext.training.face_data`). The models are named
+``generator`` (and ``discriminator``) in checkpoints; ``facedeblur deblur --model baseline_ae``
+or ``baseline_gan`` restores images with them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import Tensor
+from torch import nn
 
 from ..losses.baselines import (
     CONTENT_WEIGHT,
@@ -18,125 +25,92 @@ from ..losses.baselines import (
     gan_discriminator_loss,
     gan_generator_loss,
 )
-from ..models.baselines import BNDiscriminator, ResnetDeblurGenerator, SkipAutoencoder
+from ..models.baselines import BNDiscriminator, VGG19Perceptual, build_baseline
+from .face_data import build_face_datasets
+from .task import StepContext, Task
+
+__all__ = ["AutoencoderTask", "GANBaselineTask"]
 
 
-def _floats(terms: dict[str, Tensor]) -> dict[str, float]:
-    return {k: float(v) for k, v in terms.items()}
+class _BaselineTask(Task):
+    ema_models = ("generator",)
 
+    def build_datasets(self):
+        return build_face_datasets(self.config)
 
-class AutoencoderBaselineTask:
-    """Skip autoencoder, ``MSE + 0.001 perceptual``, Adam lr 1e-3 (Table 4.1; batch 16 is the
-    trainer's setting).
-
-    Args:
-        widths: encoder widths (default the thesis-sized 64..512).
-        perceptual: optional perceptual loss callable (e.g. ``VGG19Perceptual(path)``); off by
-            default because VGG19 weights are not downloadable here.
-        lr: Adam learning rate.
-        device: where the model lives.
-    """
-
-    def __init__(self, widths=(64, 128, 256, 512),
-                 perceptual: Callable[[Tensor, Tensor], Tensor] | None = None,
-                 lr: float = 1e-3, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.model = SkipAutoencoder(tuple(widths)).to(self.device)
-        if isinstance(perceptual, torch.nn.Module):
-            perceptual = perceptual.to(self.device)
-        self.perceptual = perceptual
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
-
-    def train_step(self, batch: dict) -> dict[str, float]:
-        self.model.train()
-        blurry = batch["blurry"].to(self.device)
-        sharp = batch["sharp"].to(self.device)
-        loss, terms = autoencoder_loss(self.model(blurry), sharp, self.perceptual,
-                                       PERCEPTUAL_WEIGHT)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return _floats(terms)
+    def validation_pairs(self, models, batch):
+        yield models["generator"].restore(batch["blurry"]), batch["sharp"]
 
     @torch.no_grad()
-    def deblur(self, blurry: Tensor) -> Tensor:
-        self.model.eval()
-        return self.model(blurry.to(self.device)).clamp_(0.0, 1.0)
+    def preview(self, models, dataset):
+        """Rows of [blurry, restored, sharp]."""
+        import torch.nn.functional as F
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        count = int((self.config.get("val", {}).get("preview") or {}).get("images", 4))
+        if count <= 0 or len(dataset) == 0:
+            return None
+        picks = sorted({round(i * (len(dataset) - 1) / max(1, count - 1)) for i in range(count)})
+        samples = [dataset[i] for i in picks]
+        blurry = torch.stack([s["blurry"] for s in samples]).to(self.device)
+        sharp = torch.stack([s["sharp"] for s in samples]).to(self.device)
+        tiles = [blurry, models["generator"].restore(blurry), sharp]
+        rows = torch.cat([F.pad(t.float().cpu(), (2, 2, 2, 2), value=1.0) for t in tiles], dim=3)
+        return torch.cat(list(rows), dim=1).clamp(0, 1)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+
+class AutoencoderTask(_BaselineTask):
+    """The thesis autoencoder (Table 4.1); see the module docstring."""
+
+    name = "baseline_ae"
+
+    def __init__(self, config: dict, device: torch.device):
+        super().__init__(config, device)
+        loss = config.get("loss") or {}
+        weights = loss.get("vgg19_weights")
+        self.perceptual = VGG19Perceptual(weights).to(device) if weights else None
+        self.perceptual_weight = float(loss.get("perceptual_weight", PERCEPTUAL_WEIGHT))
+
+    def build_models(self) -> dict[str, nn.Module]:
+        return {"generator": build_baseline(self.name, self.config["model"].get("generator"))}
+
+    def training_step(self, models, batch, ctx: StepContext) -> dict[str, float]:
+        with ctx.autocast():
+            pred = models["generator"](batch["blurry"])
+            # The VGG features run under autocast too; the losses themselves in float32.
+            loss, terms = autoencoder_loss(pred.float(), batch["sharp"], self.perceptual,
+                                           self.perceptual_weight)
+        logs = ctx.optimize("generator", loss)
+        logs.update({k: float(v) for k, v in terms.items()})
+        return logs
 
 
-class GANBaselineTask:
-    """9-residual-block generator with the BN discriminator: generator loss
-    ``BCE + 100 MSE + (1 - SSIM)``, discriminator BCE, Adam lr 2e-4, betas (0.5, 0.999).
+class GANBaselineTask(_BaselineTask):
+    """The thesis GAN (Table 4.2); see the module docstring."""
 
-    Args:
-        gen_width, num_blocks: generator stem width and residual blocks (64, 9).
-        disc_width, disc_layers: discriminator width and stride-2 layers (64, 4).
-        lr, betas: Adam settings for both networks.
-        device: where the models live.
-    """
+    name = "baseline_gan"
 
-    def __init__(self, gen_width: int = 64, num_blocks: int = 9, disc_width: int = 64,
-                 disc_layers: int = 4, lr: float = 2e-4, betas=(0.5, 0.999),
-                 device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.generator = ResnetDeblurGenerator(gen_width, num_blocks).to(self.device)
-        self.discriminator = BNDiscriminator(disc_width, disc_layers).to(self.device)
-        self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr,
-                                                    betas=tuple(betas))
-        self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=lr,
-                                                        betas=tuple(betas))
+    def build_models(self) -> dict[str, nn.Module]:
+        model = self.config["model"]
+        return {"generator": build_baseline(self.name, model.get("generator")),
+                "discriminator": BNDiscriminator(**(model.get("discriminator") or {}))}
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """A discriminator update on (sharp, detached fake), then a generator update."""
-        self.generator.train()
-        self.discriminator.train()
-        blurry = batch["blurry"].to(self.device)
-        sharp = batch["sharp"].to(self.device)
-        fake = self.generator(blurry)
-
-        d_loss = gan_discriminator_loss(self.discriminator(sharp),
-                                        self.discriminator(fake.detach()))
-        self.discriminator_optimizer.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.discriminator_optimizer.step()
-
-        self.discriminator.requires_grad_(False)
-        try:
-            g_loss, terms = gan_generator_loss(self.discriminator(fake), fake, sharp,
-                                               CONTENT_WEIGHT)
-            self.generator_optimizer.zero_grad(set_to_none=True)
-            g_loss.backward()
-            self.generator_optimizer.step()
-        finally:
-            self.discriminator.requires_grad_(True)
-        out = _floats(terms)
-        out["discriminator"] = float(d_loss.detach())
-        return out
-
-    @torch.no_grad()
-    def deblur(self, blurry: Tensor) -> Tensor:
-        self.generator.eval()
-        return self.generator(blurry.to(self.device)).clamp_(0.0, 1.0)
-
-    def state_dict(self) -> dict:
-        return {
-            "generator": self.generator.state_dict(),
-            "discriminator": self.discriminator.state_dict(),
-            "generator_optimizer": self.generator_optimizer.state_dict(),
-            "discriminator_optimizer": self.discriminator_optimizer.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.discriminator.load_state_dict(state["discriminator"])
-        for name in ("generator_optimizer", "discriminator_optimizer"):
-            if name in state:
-                getattr(self, name).load_state_dict(state[name])
+    def training_step(self, models, batch, ctx: StepContext) -> dict[str, float]:
+        gen, disc = models["generator"], models["discriminator"]
+        blurry, sharp = batch["blurry"], batch["sharp"]
+        with ctx.autocast():
+            fake = gen(blurry)
+        # Real and generated images in separate forwards: the discriminator's batch norm must
+        # not mix their statistics (the usual DCGAN practice).
+        with ctx.autocast():
+            d_real, d_fake = disc(sharp), disc(fake.detach())
+        d_loss = gan_discriminator_loss(d_real.float(), d_fake.float())
+        logs = ctx.optimize("discriminator", d_loss)
+        with ctx.frozen("discriminator"), ctx.autocast():
+            d_fake = disc(fake)
+        content_weight = float((self.config.get("loss") or {}).get("content_weight",
+                                                                   CONTENT_WEIGHT))
+        g_loss, terms = gan_generator_loss(d_fake.float(), fake.float(), sharp, content_weight)
+        logs.update(ctx.optimize("generator", g_loss))
+        logs["discriminator"] = float(d_loss.detach())
+        logs.update({k: float(v) for k, v in terms.items()})
+        return logs

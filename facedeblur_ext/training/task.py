@@ -3,8 +3,8 @@
 The trainer owns the mechanics (devices, DDP, AMP, optimizer steps, clipping, EMA,
 schedules, checkpoints, logs, validation loop, signals); a task owns the model-specific parts:
 which networks exist, how they are optimised, what one training step computes, and how a
-restored image is produced for validation. CFMD-GAN is ``facedeblur_ext.training.cfmd_task``;
-SNADNet registers itself the same way.
+restored image is produced for validation. CFMD-GAN is ``facedeblur_ext.training.cfmd_task``,
+SNADNet (two stages, two trainer runs: see ``Task.runs``) ``facedeblur_ext.training.snadnet_task``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ __all__ = ["TASKS", "StepContext", "Task", "get_task", "instantiate", "register_
 #: task name -> "module:Class" (imported on first use)
 TASKS: dict[str, str] = {
     "cfmd": "facedeblur_ext.training.cfmd_task:CFMDTask",
+    "snadnet": "facedeblur_ext.training.snadnet_task:SNADNetTask",
+    "baseline_ae": "facedeblur_ext.training.baseline_tasks:AutoencoderTask",
+    "baseline_gan": "facedeblur_ext.training.baseline_tasks:GANBaselineTask",
 }
 
 
@@ -97,6 +100,13 @@ class Task:
         self.config = config
         self.device = device
 
+    @classmethod
+    def runs(cls, config: dict, resume=None) -> list[tuple[dict, object]]:
+        """The trainer runs that ``facedeblur train`` makes of ``config``, in order, as
+        ``(run_config, resume)`` pairs: one by default; a model trained in stages returns one
+        per stage (each with its own ``output_dir``)."""
+        return [(config, resume)]
+
     def build_models(self) -> dict[str, nn.Module]:
         """The trainable networks by name (unwrapped; the trainer moves and wraps them)."""
         raise NotImplementedError
@@ -143,6 +153,15 @@ class Task:
         """(restored, target) image batches in [0, 1] for PSNR/SSIM; ``models`` are unwrapped
         eval models (EMA weights where kept)."""
         raise NotImplementedError
+
+    def validation_step(self, models: dict[str, nn.Module], batch: dict) -> None:
+        """Accumulate validation metrics other than PSNR/SSIM over one batch (same models as
+        ``validation_pairs``); reported by ``validation_results``. Default: none."""
+
+    def validation_results(self) -> dict[str, float]:
+        """The metrics accumulated by ``validation_step`` since the last call, which resets
+        them; merged into the validation results and ``val.csv``."""
+        return {}
 
     def preview(self, models: dict[str, nn.Module], dataset: Dataset) -> Tensor | None:
         """An image grid [3, H, W] in [0, 1] to save at validation time, or None."""

@@ -3,9 +3,10 @@
 Features: single process or ``torchrun`` DDP (NCCL on CUDA, gloo on CPU); AMP on CUDA (bf16,
 or fp16 with a GradScaler per optimizer); gradient clipping; optional EMA of chosen models;
 learning rates decayed by a constant factor per epoch; tqdm progress; CSV (and TensorBoard)
-logs; periodic validation with PSNR/SSIM and a preview grid; atomic checkpoints with exact
-resume (models, EMA, optimizers, schedulers, scalers, every rank's RNG states and the position
-within the epoch); SIGINT/SIGTERM finish the current step, save a checkpoint and stop.
+logs; periodic validation with PSNR/SSIM (plus the task's own metrics) and a preview grid;
+atomic checkpoints with exact resume (models, EMA, optimizers, schedulers, scalers, every
+rank's RNG states and the position within the epoch); SIGINT/SIGTERM finish the current step,
+save a checkpoint and stop.
 
 Configuration keys used here (the task reads ``model``, ``loss``, ``data``)::
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import signal
 import threading
 import time
@@ -65,13 +65,16 @@ def resolve_amp_dtype(mode, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"train.amp must be auto, off, bf16 or fp16; got {mode!r}")
 
 
-def model_digest(model: nn.Module) -> str:
-    """SHA-256 of every parameter and buffer (names, dtypes, shapes and bytes)."""
+def model_digest(model: nn.Module, buffers: bool = True) -> str:
+    """SHA-256 of every parameter and (unless ``buffers=False``) buffer: names, dtypes, shapes
+    and bytes."""
     h = hashlib.sha256()
-    for name, t in model.state_dict().items():
+    tensors = model.state_dict() if buffers else dict(model.named_parameters())
+    for name, t in tensors.items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # reshape first: a 0-d tensor (batch norm's num_batches_tracked) cannot be viewed as bytes
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -273,6 +276,9 @@ class Trainer:
         if state.get("task") != self.task.name:
             raise ValueError(f"{path} is a checkpoint of task {state.get('task')!r}, "
                              f"not {self.task.name!r}")
+        if set(state["models"]) != set(self.raw_models):
+            raise ValueError(f"{path} holds models {sorted(state['models'])}, this run trains "
+                             f"{sorted(self.raw_models)}")
         for n, m in self.raw_models.items():
             m.load_state_dict(state["models"][n])
         for n, e in self.emas.items():
@@ -359,12 +365,15 @@ class Trainer:
                         pred = pred.float().clamp(0, 1)
                         psnrs.append(_quality.psnr(pred, target.float()).cpu())
                         ssims.append(_quality.ssim(pred, target.float()).cpu())
+                    self.task.validation_step(models, batch)
                 grid = self.task.preview(models, self.val_set)
             for n, m in models.items():
                 m.train(modes[n])
-            result = {"step": self.step, "epoch": self.epoch,
-                      "psnr": float(torch.cat(psnrs).mean()) if psnrs else math.nan,
-                      "ssim": float(torch.cat(ssims).mean()) if ssims else math.nan}
+            result = {"step": self.step, "epoch": self.epoch}
+            if psnrs:  # tasks without restored images (a parser) report only their own metrics
+                result.update(psnr=float(torch.cat(psnrs).mean()),
+                              ssim=float(torch.cat(ssims).mean()))
+            result.update(self.task.validation_results())
             self.log.log_val(result)
             if grid is not None:
                 path = self.output_dir / "samples" / f"step_{self.step:08d}.png"
@@ -376,7 +385,10 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
 
     def _check_replicas(self) -> dict:
-        digests = {n: model_digest(m) for n, m in self.raw_models.items()}
+        # Parameters only: buffers such as batch-norm running statistics are updated from each
+        # rank's own batch and made equal again by DDP, which broadcasts rank 0's at the start
+        # of every forward.
+        digests = {n: model_digest(m, buffers=False) for n, m in self.raw_models.items()}
         gathered = [None] * self.dist.world_size
         dist.all_gather_object(gathered, digests)
         mismatched = sum(any(g[n] != digests[n] for g in gathered) for n in digests)
