@@ -18,6 +18,8 @@ Formats understood (a file in none of them is listed as skipped on stderr):
   ours vs the reference and torchvision, time and peak memory;
 * ``cpu_data.json`` (bench_data.py): DataLoader throughput, warm vs cold face-analysis cache;
 * ``<device>_metrics.json`` (bench_metrics.py): metric time vs its reference;
+* files with a ``measurement`` key and no ``benchmark`` key (training curves and the like)
+  are not comparisons and are left out;
 * pytest-benchmark's ``--benchmark-json`` output (e.g. the GPU script's
   ``bench_cuda.json``): cases of one test that differ only in their implementation parameter
   (``impl``/``backend_name``/``backend``) are paired, the fused or ``ours`` one against each
@@ -297,6 +299,8 @@ def detect(data, path: Path) -> tuple[str, Callable] | None:
     """The adapter for one results file, or None."""
     if not isinstance(data, dict):
         return None
+    if "measurement" in data and "benchmark" not in data:
+        return "measurement", None  # e.g. a training curve: no op against a reference
     if "benchmarks" in data and "machine_info" in data:
         return "pytest-benchmark", _pytest_benchmark
     bench = str(data.get("benchmark", ""))
@@ -344,6 +348,9 @@ def collect(results_dir: Path) -> tuple[list[Row], list[str], list[str]]:
             skipped.append(f"{rel}: unknown format")
             continue
         family, adapter = found
+        if adapter is None:
+            skipped.append(f"{rel}: a measurement ({data['measurement']}), not a comparison")
+            continue
         produced = adapter(data, path)
         if produced:
             for row in produced:

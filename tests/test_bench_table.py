@@ -22,8 +22,8 @@ def bench_table():
 
 def test_every_committed_results_file_is_understood(bench_table):
     rows, used, skipped = bench_table.collect(RESULTS)
-    assert skipped == []
-    assert len(used) == len(list(RESULTS.rglob("*.json")))
+    assert all("a measurement" in s for s in skipped), skipped
+    assert len(used) + len(skipped) == len(list(RESULTS.rglob("*.json")))
     assert rows and all(set(bench_table.COLUMNS) <= set(r) for r in rows)
     ops = " ".join(r["op"] for r in rows)
     for name in ("blur_synthesize", "trajectory_kernels", "separable_norm"):
