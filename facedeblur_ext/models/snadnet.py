@@ -57,37 +57,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..nn.backend import set_backend
+from ..nn.separable_norm import SNADLayer
 from .face_parsing import PARSER_STRIDE, FaceParsingNet, check_spatial_multiple
-
-
-class _BackendRef:
-    """Holds a backend object (usually a Python module) inside an nn.Module.
-
-    Modules cannot be deep-copied or pickled, so this wrapper shares the backend on deepcopy
-    (EMA copies of the generator) instead of failing. ``None`` resolves at call time to
-    ``facedeblur_ext.ops``, so the fused op only has to exist when the model runs.
-    """
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def resolve(self):
-        if self.obj is not None:
-            return self.obj
-        from .. import ops
-
-        if not hasattr(ops, "separable_norm"):
-            raise RuntimeError(
-                "facedeblur_ext.ops.separable_norm is not available in this build; pass "
-                "backend=<an object with a separable_norm function> (for example the "
-                "facedeblur_ref reference package) or install a build with the fused op"
-            )
-        return ops
 
 
 def resize_parsing(parsing: Tensor, size: Sequence[int]) -> Tensor:
@@ -115,8 +87,8 @@ def as_parsing_map(parsing: Tensor, num_regions: int, dtype: torch.dtype) -> Ten
     return parsing.to(dtype)
 
 
-class ParsingSNAD(nn.Module):
-    """SNAD layer driven by a parsing map (separable normalization + adaptive denormalization).
+class ParsingSNAD(SNADLayer):
+    """The SNAD layer as SNADNet's decoder uses it: ``nn.SNADLayer`` fed by the parsing map.
 
     Args:
         channels: feature channels C.
@@ -132,41 +104,32 @@ class ParsingSNAD(nn.Module):
         eps: added to the variance.
         backend: object providing ``separable_norm(x, masks, gamma, beta, eps)``; None means
             ``facedeblur_ext.ops`` (looked up when the layer runs).
+
+    The parsing map is brought to the feature size by area averaging, so a one-hot map
+    becomes soft masks that keep each region's mass.
     """
 
     def __init__(self, channels: int, parsing_channels: int = 4, hidden: int = 128,
                  norm_regions: str = "face_background", face_regions: tuple[int, ...] = (0, 1),
                  eps: float = 1e-5, backend=None):
-        super().__init__()
         if norm_regions not in ("face_background", "parsing"):
             raise ValueError("norm_regions must be 'face_background' or 'parsing', "
                              f"got {norm_regions!r}")
-        self.norm_regions = norm_regions
-        self.face_regions = tuple(int(r) for r in face_regions)
-        if not self.face_regions or any(not 0 <= r < parsing_channels for r in self.face_regions):
+        face = tuple(int(r) for r in face_regions)
+        if not face or any(not 0 <= r < parsing_channels for r in face):
             raise ValueError(f"face_regions {face_regions} must name channels of the "
                              f"{parsing_channels}-channel parsing map")
-        self.eps = eps
-        self.conv1 = nn.Conv2d(parsing_channels, hidden, 3, 1, 1)
-        self.conv2 = nn.Conv2d(hidden, channels, 3, 1, 1)  # gamma
-        self.conv3 = nn.Conv2d(hidden, channels, 3, 1, 1)  # beta
+        if norm_regions == "parsing":
+            regions = [[r] for r in range(parsing_channels)]
+        else:
+            regions = [list(face), [r for r in range(parsing_channels) if r not in face]]
+        super().__init__(channels, parsing_channels, hidden_channels=hidden, regions=regions,
+                         resize_mode="area", eps=eps, backend=backend)
+        self.norm_regions = norm_regions
+        self.face_regions = face
         # Eq. 9 multiplies by gamma directly (no "1 + gamma" as in SPADE); starting gamma near 1
         # keeps the normalized signal alive at initialization.
         nn.init.ones_(self.conv2.bias)
-        self.backend = _BackendRef(backend)
-
-    def region_masks(self, parsing: Tensor) -> Tensor:
-        if self.norm_regions == "parsing":
-            return parsing
-        face = parsing[:, list(self.face_regions)].sum(dim=1, keepdim=True)
-        return torch.cat([face, 1.0 - face], dim=1)
-
-    def forward(self, x: Tensor, parsing: Tensor) -> Tensor:
-        p = resize_parsing(parsing.to(x.dtype), x.shape[-2:])
-        shared = F.relu(self.conv1(p))
-        gamma = self.conv2(shared)
-        beta = self.conv3(shared)
-        return self.backend.resolve().separable_norm(x, self.region_masks(p), gamma, beta, self.eps)
 
 
 class SNADBlock(nn.Module):
@@ -308,9 +271,7 @@ class SNADNetGenerator(nn.Module):
 
     def set_backend(self, backend) -> None:
         """Switch every SNAD layer to another backend (None: ``facedeblur_ext.ops``)."""
-        for module in self.modules():
-            if isinstance(module, ParsingSNAD):
-                module.backend = _BackendRef(backend)
+        set_backend(self, backend)
 
     def forward(self, blurry: Tensor, parsing: Tensor, return_textures: bool = False):
         check_spatial_multiple(blurry, self.size_multiple, "SNADNetGenerator")

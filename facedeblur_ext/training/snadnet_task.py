@@ -55,7 +55,7 @@ from ..models.face_parsing import (
     parsing_labels,
 )
 from ..models.snadnet import build_discriminator, build_parser, build_snadnet
-from ..nn.control_adaptive import resolve_backend
+from ..nn.backend import resolve_backend
 from .checkpoint import load_checkpoint
 from .config import deep_merge
 from .face_data import build_face_datasets
