@@ -308,3 +308,29 @@ def test_full_photo_cli_pastes_back_and_keeps_the_rest(tmp_path, tiny_checkpoint
     assert changed.any()
     assert not (changed & ~reach).any()           # outside the feathered crop: bit-identical
     assert reach.sum() < 0.35 * reach.size        # and the crop is local
+
+
+@pytest.mark.parametrize("family", ["snadnet", "baseline_ae"])
+def test_other_model_families_load_as_rows(tmp_path, family):
+    if family == "snadnet":
+        from facedeblur_ext.models.snadnet import build_snadnet
+
+        model_cfg = {"parser": {"width": 8, "context_channels": 16, "fusion_channels": 16},
+                     "generator": {"width": 8, "num_stages": 4, "ad_hidden": 16}}
+        state = build_snadnet(model_cfg).state_dict()
+        config = {"stage": "deblur", "model": model_cfg}
+    else:
+        from facedeblur_ext.models.baselines import build_baseline
+
+        model_cfg = {"generator": {"widths": [8, 16, 32, 64]}}
+        state = build_baseline(family, model_cfg["generator"]).state_dict()
+        config = {"model": model_cfg}
+    path = tmp_path / f"{family}.pt"
+    torch.save({"task": family, "config": config, "models": {"generator": state}}, path)
+    method = load_model(family, path)
+    assert not method.continuous and method.name == f"{family} ({family}.pt)"
+    blurry = load_faces(["celeba_201427.png"], size=72)
+    out = method(blurry)
+    assert out.shape == blurry.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    with pytest.raises(ValueError, match="not a"):
+        load_model("cfmd", path)
