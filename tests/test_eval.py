@@ -334,3 +334,24 @@ def test_other_model_families_load_as_rows(tmp_path, family):
     assert out.shape == blurry.shape and 0 <= float(out.min()) and float(out.max()) <= 1
     with pytest.raises(ValueError, match="not a"):
         load_model("cfmd", path)
+
+
+def test_set_metrics_fid_and_kid(face_dir):
+    from facedeblur_ext.evaluation.scoring import SHARP_ROW, Accumulator
+
+    acc = Accumulator()
+    feats = torch.randn(6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    acc.add_features(SHARP_ROW, ("all",), feats)
+    acc.add_features("same", ("all",), feats)
+    acc.add_features("shifted", ("all",), feats + 3)
+    assert acc.summary("same", "all")["fid"] == pytest.approx(0, abs=1e-9)
+    assert acc.summary("shifted", "all")["fid"] == pytest.approx(16 * 9, rel=1e-6)
+    assert acc.summary("shifted", "all")["fid_count"] == 6
+
+    suite = MetricSuite("cpu", ["psnr", "fid", "kid"])
+    if not suite.available["fid"]:
+        pytest.skip(f"FID weights not installed: {suite.reasons['fid']}")
+    settings = EvalSettings(limit=2, progress=False, examples=0)
+    result = run_kernel_protocol(face_dir, [IdentityMethod()], suite, settings)
+    cell = result["tables"][0]["cells"]["all"]["blurry input"]
+    assert cell["fid"] > 0 and math.isfinite(cell["kid"]) and cell["fid_count"] == 2

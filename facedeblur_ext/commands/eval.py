@@ -9,8 +9,8 @@ Protocols (``--protocol``, default all three; see :mod:`facedeblur_ext.evaluatio
 
 Rows: the blurry input, unsharp masking, Wiener deconvolution with the true kernel, and every
 ``--model FAMILY --checkpoint PATH`` pair. Columns: PSNR, SSIM, L1 %, LPIPS, SFace identity
-distance, face detection rate (``n/a`` with the reason where a metric's weights are missing)
-and time per image.
+distance, face detection rate (``n/a`` with the reason where a metric's weights are missing),
+with ``--fid`` also FID and KID, and time per image.
 
 Examples::
 
@@ -49,7 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from facedeblur_ext.evaluation.baselines import DEFAULT_UNSHARP_AMOUNT, DEFAULT_UNSHARP_SIGMA
     from facedeblur_ext.evaluation.methods import MODEL_FAMILIES
     from facedeblur_ext.evaluation.protocols import FRAME_COUNTS, KERNEL_SIZES
-    from facedeblur_ext.evaluation.scoring import METRICS
+    from facedeblur_ext.evaluation.scoring import DEFAULT_METRICS, METRICS
 
     shared = default_shared_data()
     parser.add_argument("--protocol", nargs="+", default=["all"],
@@ -95,8 +95,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "0.0056, at least 1e-2); see evaluation/baselines.py")
     parser.add_argument("--unsharp-sigma", type=float, default=DEFAULT_UNSHARP_SIGMA)
     parser.add_argument("--unsharp-amount", type=float, default=DEFAULT_UNSHARP_AMOUNT)
-    parser.add_argument("--metrics", nargs="+", default=list(METRICS), choices=list(METRICS),
-                        help="metric columns (default all)")
+    parser.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
+                        choices=list(METRICS),
+                        help="metric columns (default: all but the set metrics fid and kid)")
+    parser.add_argument("--fid", action="store_true",
+                        help="add FID and KID (an Inception-v3 pass per image)")
     parser.add_argument("--y-channel", action="store_true",
                         help="PSNR and SSIM on the BT.601 luma instead of RGB")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
@@ -173,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
                              "hdtf_via_sadtalker)")
     device = resolve_device(args.device)
     methods = build_methods(args, device)
-    suite = MetricSuite(device, args.metrics, y_channel=args.y_channel)
+    wanted = list(args.metrics) + (["fid", "kid"] if args.fid else [])
+    suite = MetricSuite(device, wanted, y_channel=args.y_channel)
     for name, reason in suite.reasons.items():
         if name in suite.wanted:
             print(f"note: {name} column is n/a: {reason}", file=sys.stderr)
@@ -219,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
         for group in table["groups"]:
             if table["group_label"]:
                 print(f"{table['group_label']}: {group}")
-            print(format_table(result["rows"], table["cells"].get(group, {}), available))
+            print(format_table(result["rows"], table["cells"].get(group, {}), available,
+                               columns=suite.wanted))
     print(f"\nwrote {written['markdown']}, {written['json']} and {len(written['figures'])} "
           f"figure(s) to {Path(args.output)}")
     return 0

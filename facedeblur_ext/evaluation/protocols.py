@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .methods import CENTRE_U, Method
-from .scoring import Accumulator, MetricSuite, quantize
+from .scoring import SHARP_ROW, Accumulator, MetricSuite, quantize
 
 __all__ = [
     "FRAME_COUNTS",
@@ -127,6 +127,19 @@ def _timed(method: Method, blurry: Tensor, device: torch.device, **kwargs) -> tu
     return out.float().clamp(0, 1), time.perf_counter() - start
 
 
+def _score(acc: Accumulator, suite: MetricSuite, row: str, groups, out: Tensor,
+           ref: Tensor) -> None:
+    acc.add(row, groups, suite.score(out, ref))
+    if suite.wants_features:
+        acc.add_features(row, groups, suite.features(out))
+
+
+def _reference(acc: Accumulator, suite: MetricSuite, groups, ref: Tensor) -> None:
+    """The sharp references of the set metrics (FID, KID) of ``groups``."""
+    if suite.wants_features:
+        acc.add_features(SHARP_ROW, groups, suite.features(ref))
+
+
 def _to_uint8(image: Tensor) -> np.ndarray:
     """[3, H, W] in [0, 1] -> [H, W, 3] uint8."""
     return quantize(image.float()).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -170,8 +183,8 @@ def _rows(methods: Sequence[Method], acc: Accumulator, protocol: str) -> list[di
 
 def _table(name: str, title: str, group_label: str | None, groups: Sequence, methods,
            acc: Accumulator) -> dict:
-    cells = {str(g): {m.name: acc.summary(m.name, g) for m in methods if m.name in
-                      {r for r, gg in acc.values if gg == g}} for g in groups}
+    cells = {str(g): {m.name: acc.summary(m.name, g) for m in methods
+                      if (m.name, g) in acc.values} for g in groups}
     return {"name": name, "title": title, "group_label": group_label,
             "groups": [str(g) for g in groups], "cells": cells}
 
@@ -229,10 +242,11 @@ def run_kernel_protocol(data: str | Path, methods: Sequence[Method], suite: Metr
         sizes_seen.add(ksize)
         noise = float(info["noise_sigma"][0])
         outputs = {}
+        _reference(acc, suite, ("all", ksize), sharp)
         for m in methods:
             extra = {"kernels": kernels, "noise_sigma": noise} if m.needs_kernel else {}
             out, seconds = _timed(m, blurry, device, **extra)
-            acc.add(m.name, ("all", ksize), suite.score(out, sharp))
+            _score(acc, suite, m.name, ("all", ksize), out, sharp)
             acc.add_time(m.name, seconds, 1)
             if index < settings.examples:
                 outputs[m.name] = out[0]
@@ -282,6 +296,7 @@ def run_face_region_protocol(data: str | Path, methods: Sequence[Method], suite:
         sharp = sw["sharp"][None].to(device)
         no_face += int(not bool(sw["face_found"]))
         outputs = {}
+        _reference(acc, suite, ("whole image", "face only"), sharp)
         for region, sample in (("whole image", sw), ("face only", sf)):
             blurry = sample["blurry"][None].to(device)
             info = sample["blur_info"]
@@ -292,7 +307,7 @@ def run_face_region_protocol(data: str | Path, methods: Sequence[Method], suite:
                 extra = ({"kernels": kernels, "noise_sigma": noise, "mask": mask}
                          if m.needs_kernel else {})
                 out, seconds = _timed(m, blurry, device, **extra)
-                acc.add(m.name, (region,), suite.score(out, sharp))
+                _score(acc, suite, m.name, (region,), out, sharp)
                 acc.add_time(m.name, seconds, 1)
                 if index < settings.examples and region == "face only":
                     outputs[m.name] = out[0]
@@ -369,6 +384,8 @@ def run_frames_protocol(sources: str | Path | Sequence[str | Path], methods: Seq
             centre_frame = int(frame_ids.min()) + n_frames // 2  # temporal middle
             centre = int((frame_ids == centre_frame).nonzero()[0, 0])
             outputs = {}
+            _reference(per_n, suite, (n_frames, "all"), sharp)
+            _reference(s2s, suite, ("all", n_frames), sharp[centre:centre + 1])
             for m in usable:
                 if m.continuous:
                     restored, seconds = [], 0.0
@@ -384,8 +401,8 @@ def run_frames_protocol(sources: str | Path | Sequence[str | Path], methods: Seq
                     single, seconds = _timed(m, blurry, device)
                     frames = single.expand(len(u), -1, -1, -1)
                     count = 1
-                per_n.add(m.name, (n_frames, "all"), suite.score(frames, sharp))
-                s2s.add(m.name, ("all", n_frames), suite.score(single, sharp[centre:centre + 1]))
+                _score(per_n, suite, m.name, (n_frames, "all"), frames, sharp)
+                _score(s2s, suite, m.name, ("all", n_frames), single, sharp[centre:centre + 1])
                 per_n.add_time(m.name, seconds, count)
                 s2s.add_time(m.name, seconds, count)
                 if index == 0 and len(examples) < settings.examples:

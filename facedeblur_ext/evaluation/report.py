@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .scoring import METRIC_INFO, METRICS
+from .scoring import DEFAULT_METRICS, METRIC_INFO, METRICS
 
 __all__ = ["format_table", "image_grid", "markdown_report", "save_png", "write_report"]
 
@@ -76,15 +76,17 @@ def _fmt(metric: str, value) -> str:
 
 
 def format_table(rows: list[dict], cells: dict, available: dict, *,
-                 time_column: bool = True) -> str:
+                 columns=DEFAULT_METRICS, time_column: bool = True) -> str:
     """A Markdown table: one line per row, the metric columns and the time per image.
 
     Args:
         rows: the protocol's ``rows`` (name, ms_per_image, note).
         cells: row name -> summary (``Accumulator.summary``).
         available: metric -> computed here.
+        columns: the metric columns, in order.
     """
-    head = ["Method"] + [METRIC_INFO[m][0] for m in METRICS]
+    columns = [m for m in METRICS if m in columns]
+    head = ["Method"] + [METRIC_INFO[m][0] for m in columns]
     if time_column:
         head.append("ms / image")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -92,12 +94,13 @@ def format_table(rows: list[dict], cells: dict, available: dict, *,
         name = row["name"]
         cell = cells.get(name)
         if cell is None:
-            values = ["n/a"] * len(METRICS)
+            values = ["n/a"] * len(columns)
         else:
-            values = [_fmt(m, cell.get(m)) if available.get(m) else "n/a" for m in METRICS]
-            if available.get("identity") and cell.get("identity_count") is not None \
+            values = [_fmt(m, cell.get(m)) if available.get(m) else "n/a" for m in columns]
+            if "identity" in columns and available.get("identity") \
+                    and cell.get("identity_count") is not None \
                     and cell.get("identity_count") < cell.get("images", 0):
-                values[METRICS.index("identity")] += f" ({cell['identity_count']})"
+                values[columns.index("identity")] += f" ({cell['identity_count']})"
         line = [name, *values]
         if time_column:
             ms = row.get("ms_per_image")
@@ -122,9 +125,29 @@ def _matrix_table(rows: list[dict], table: dict, available: dict) -> str:
     return "\n".join(lines)
 
 
-def _na_notes(available: dict, reasons: dict) -> list[str]:
+def _na_notes(available: dict, reasons: dict, columns) -> list[str]:
     return [f"- {METRIC_INFO[m][0]}: n/a ({reasons.get(m, 'unavailable')})"
-            for m in METRICS if not available.get(m)]
+            for m in columns if not available.get(m)]
+
+
+def _columns(meta: dict) -> list[str]:
+    """The requested metric columns (all of the defaults for older metadata)."""
+    info = meta["metrics"]
+    requested = [m for m in METRICS if isinstance(info.get(m), dict) and info[m].get("requested")]
+    return requested or list(DEFAULT_METRICS)
+
+
+def _weights_line(meta: dict) -> str | None:
+    weights = meta["metrics"].get("weights")
+    if not isinstance(weights, dict):
+        return None
+    parts = []
+    for metric, entry in weights.items():
+        files = entry.get("files", [])
+        if files and not any(f.get("missing") for f in files):
+            pkgs = sorted({f"{f['package']} {f.get('version', '?')}" for f in files})
+            parts.append(f"{metric}: {', '.join(pkgs)}")
+    return ("Metric weights: " + "; ".join(parts) + ".") if parts else None
 
 
 def markdown_report(results: list[dict], meta: dict) -> str:
@@ -138,7 +161,11 @@ def markdown_report(results: list[dict], meta: dict) -> str:
                "(sigma 1.5). SFace ID distance: 1 - cosine; a count in parentheses is the number "
                "of pairs with a face on the sharp image, when not all. Time: the method only, "
                "per restored image.")
-    notes = _na_notes(available, reasons)
+    columns = _columns(meta)
+    weights = _weights_line(meta)
+    if weights:
+        out += ["", weights]
+    notes = _na_notes(available, reasons, columns)
     if notes:
         out += ["", "Unavailable metrics:", *notes]
     for result in results:
@@ -152,7 +179,7 @@ def markdown_report(results: list[dict], meta: dict) -> str:
                     if table["group_label"] is not None:
                         out += [f"**{table['group_label']}: {group}**", ""]
                     out += [format_table(result["rows"], table["cells"].get(group, {}),
-                                         available), ""]
+                                         available, columns=columns), ""]
             else:
                 out += [_matrix_table(result["rows"], table, available), ""]
         described = [r for r in result["rows"] if r.get("description") or r.get("note")]
@@ -185,7 +212,7 @@ def _plt():
 def _bars(result: dict, available: dict, path: Path) -> Path | None:
     """Per-row bars of each available metric; one colour per group of the first table."""
     table = result["tables"][0]
-    metrics = [m for m in ("psnr", "ssim", "lpips", "identity") if available.get(m)]
+    metrics = [m for m in ("psnr", "ssim", "lpips", "identity", "fid") if available.get(m)]
     rows = [r["name"] for r in result["rows"]
             if any(r["name"] in table["cells"].get(g, {}) for g in table["groups"])]
     if not metrics or not rows:
