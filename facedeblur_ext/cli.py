@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "write a synthetic blur data set (kernel, face-only or frame averaging)"),
     "train": ("facedeblur_ext.commands.train", "train a model (cfmd, ...) from a config file"),
     "deblur": ("facedeblur_ext.commands.deblur", "restore blurry face images with a checkpoint"),
+    "eval": ("facedeblur_ext.commands.eval",
+             "evaluation tables of the papers' protocols (kernel, frames, face-region)"),
+    "demo": ("facedeblur_ext.commands.demo",
+             "blur bundled faces, deblur them with the default model, show the metrics"),
 }
 
 

@@ -13,6 +13,9 @@ With SNADNet (``--model snadnet``), the checkpoint is stage II's
 map of each input, and the generator. Output: ``<name>.png``, plus ``<name>_parsing.png`` (the
 parsing map in colour) with ``--save-parsing``. The thesis baselines (``--model baseline_ae``,
 ``baseline_gan``) write ``<name>.png``.
+
+``--full-photo`` takes whole photos instead of face crops: every detected face is deblurred
+(CFMD-GAN at ``u = 0.5``) and pasted back (see :mod:`facedeblur_ext.commands.deblur_full_photo`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, default=8.0, help="GIF frame rate")
     parser.add_argument("--bounce", action="store_true",
                         help="GIF plays forward then backward")
+    from facedeblur_ext.commands import deblur_full_photo
+
+    deblur_full_photo.add_arguments(parser)
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -109,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
                           else ("cpu" if args.device == "auto" else args.device))
     out_dir = Path(args.output)
     inputs = list_inputs(Path(args.input))
+    if args.full_photo:
+        from facedeblur_ext.commands import deblur_full_photo
+
+        return deblur_full_photo.run(args, inputs)
     backend = resolve_backend(args.backend)
     if args.model != "cfmd":
         return _run_single_output(args, inputs, out_dir, device, backend)

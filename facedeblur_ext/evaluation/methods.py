@@ -1,0 +1,218 @@
+"""The rows of the evaluation tables: baselines and trained models behind one interface.
+
+A :class:`Method` maps a blurry batch to a restored batch. What it may use besides the blurry
+image is declared by flags, and the protocols hand over only what is allowed:
+
+* ``needs_kernel``: a non-blind method, given the true kernel (and the face mask and noise
+  level when the protocol has them);
+* ``continuous``: the method restores any moment ``u`` in [0, 1] of the exposure (CFMD-GAN);
+  others give one image whatever the moment.
+
+Trained models are loaded by family name with :func:`load_model` through the loaders of
+:mod:`facedeblur_ext.models`; the same function serves ``facedeblur demo`` and
+``facedeblur deblur --full-photo``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .baselines import (
+    DEFAULT_UNSHARP_AMOUNT,
+    DEFAULT_UNSHARP_SIGMA,
+    unsharp_mask,
+    wiener_deconvolve,
+)
+
+__all__ = [
+    "MODEL_FAMILIES",
+    "IdentityMethod",
+    "Method",
+    "ModelMethod",
+    "UnsharpMaskMethod",
+    "WienerMethod",
+    "baseline_methods",
+    "checkpoint_working_size",
+    "load_model",
+]
+
+#: model family -> (module, loader function); the loader is called as
+#: ``loader(checkpoint, device, backend, prefer_ema=...)`` (baselines without backend).
+MODEL_FAMILIES: dict[str, tuple[str, str]] = {
+    "cfmd": ("facedeblur_ext.models.cfmd", "load_generator"),
+    "snadnet": ("facedeblur_ext.models.snadnet", "load_snadnet"),
+    "baseline_ae": ("facedeblur_ext.models.baselines", "load_baseline"),
+    "baseline_gan": ("facedeblur_ext.models.baselines", "load_baseline"),
+}
+#: The control factor of the centre moment (CFMD-GAN's single-image output, paper 003).
+CENTRE_U = 0.5
+
+
+@dataclass
+class Method:
+    """Base class of a table row."""
+
+    name: str
+    needs_kernel: bool = False
+    continuous: bool = False
+    description: str = ""
+    #: what this method cannot do in a protocol, by protocol name (filled by the protocols)
+    notes: dict = field(default_factory=dict)
+
+    def __call__(self, blurry: Tensor, *, u: float | None = None, kernels: Tensor | None = None,
+                 mask: Tensor | None = None, noise_sigma: float = 0.0) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class IdentityMethod(Method):
+    """The blurry input itself (the "Blurry" row)."""
+
+    name: str = "blurry input"
+    description: str = "the degraded image, unchanged"
+
+    def __call__(self, blurry, *, u=None, kernels=None, mask=None, noise_sigma=0.0):
+        return blurry
+
+
+@dataclass
+class UnsharpMaskMethod(Method):
+    """Unsharp masking with a Gaussian of ``sigma`` pixels and ``amount``."""
+
+    name: str = "unsharp mask"
+    sigma: float = DEFAULT_UNSHARP_SIGMA
+    amount: float = DEFAULT_UNSHARP_AMOUNT
+
+    def __post_init__(self):
+        self.description = f"x + {self.amount:g} (x - G_{self.sigma:g} * x)"
+
+    def __call__(self, blurry, *, u=None, kernels=None, mask=None, noise_sigma=0.0):
+        return unsharp_mask(blurry, self.sigma, self.amount)
+
+
+@dataclass
+class WienerMethod(Method):
+    """Wiener deconvolution with the true kernel (non-blind).
+
+    With a face-only blur ``y = m (k * x) + (1 - m) x`` (the mask ``m`` says where the kernel
+    acted) the sharp background is first blurred with the same kernel, ``y' = m y + (1 - m)
+    (k * y)``, so that ``y'`` follows the whole-image model ``k * x`` the filter inverts;
+    deconvolving ``y`` directly rings from every sharp background edge into the face (on 12
+    CelebA test faces with the thesis's motion blur: 28.2 dB blurry, 23.7 deconvolving ``y``,
+    30.3 with ``y'``). The result is kept inside the mask only: ``m W(y') + (1 - m) y``.
+    """
+
+    name: str = "Wiener (true kernel)"
+    nsr: float | str = "auto"
+    needs_kernel: bool = True
+
+    def __post_init__(self):
+        nsr = ("auto = (sigma_n^2 + 1/(12*255^2)) / 0.0056, >= 1e-2" if self.nsr == "auto"
+               else f"{float(self.nsr):g}")
+        self.description = ("non-blind, FFT, 1/|w|^2 image spectrum (NSR(w) = nsr |D(w)|^2), "
+                            f"edge-tapered reflect padding; nsr {nsr}")
+
+    def __call__(self, blurry, *, u=None, kernels=None, mask=None, noise_sigma=0.0):
+        if kernels is None:
+            raise ValueError("Wiener deconvolution needs the true kernel")
+        if mask is None:
+            return wiener_deconvolve(blurry, kernels, self.nsr, noise_sigma=noise_sigma)
+        from facedeblur_ext import ops
+
+        reblurred = ops.blur_synthesize(blurry.float(), kernels.float())
+        whole = mask * blurry + (1 - mask) * reblurred
+        restored = wiener_deconvolve(whole, kernels, self.nsr, noise_sigma=noise_sigma)
+        return mask * restored + (1 - mask) * blurry
+
+
+@dataclass
+class ModelMethod(Method):
+    """A trained network; CFMD-GAN restores moment ``u`` (``u = 0.5`` when not given)."""
+
+    model: object = None
+    family: str = ""
+    checkpoint: str = ""
+    multiple: int = 1
+
+    def __call__(self, blurry, *, u=None, kernels=None, mask=None, noise_sigma=0.0):
+        with torch.no_grad():
+            if self.family == "cfmd":
+                return self.model.restore(blurry, CENTRE_U if u is None else float(u))
+            return self.model.restore(blurry)
+
+
+def baseline_methods(*, wiener_nsr: float | str = "auto",
+                     unsharp_sigma: float = DEFAULT_UNSHARP_SIGMA,
+                     unsharp_amount: float = DEFAULT_UNSHARP_AMOUNT) -> list[Method]:
+    """The baseline rows: blurry input, unsharp mask, Wiener with the true kernel."""
+    return [IdentityMethod(), UnsharpMaskMethod(sigma=unsharp_sigma, amount=unsharp_amount),
+            WienerMethod(nsr=wiener_nsr)]
+
+
+def _resolve_loader(family: str):
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(MODEL_FAMILIES)}")
+    module_name, attr = MODEL_FAMILIES[family]
+    module = importlib.import_module(module_name)
+    loader = getattr(module, attr, None)
+    if loader is None:
+        raise ValueError(f"this build cannot load {family} checkpoints: "
+                         f"{module_name}.{attr} does not exist")
+    return loader
+
+
+def load_model(family: str, checkpoint: str | Path, device: torch.device | str = "cpu",
+               backend=None, *, prefer_ema: bool = True, label: str | None = None
+               ) -> ModelMethod:
+    """Load a trained model as a table row.
+
+    Args:
+        family: ``cfmd``, ``snadnet``, ``baseline_ae`` or ``baseline_gan``.
+        checkpoint: a checkpoint written by ``facedeblur train <family>``.
+        device: where to run it.
+        backend: provider of the fused op (None: ``facedeblur_ext.ops``).
+        prefer_ema: use EMA weights when the checkpoint has them.
+        label: the row's name (default ``"<family> (<file name>)"``).
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: unknown family, or the file is not a checkpoint of that family.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    loader = _resolve_loader(family)
+    if family.startswith("baseline_"):
+        model = loader(path, device, prefer_ema=prefer_ema, task=family)
+    else:
+        model = loader(path, device, backend, prefer_ema=prefer_ema)
+    multiple = int(getattr(model, "size_multiple", 4 if family == "cfmd" else 1) or 1)
+    name = label or f"{family} ({path.name})"
+    return ModelMethod(name=name, continuous=family == "cfmd", model=model, family=family,
+                       checkpoint=str(path), multiple=multiple,
+                       description=f"{family} checkpoint {path}"
+                       + (f", u = {CENTRE_U} unless a moment is asked" if family == "cfmd"
+                          else ""))
+
+
+def checkpoint_working_size(checkpoint: str | Path, default: int = 256) -> int:
+    """The image size a checkpoint was trained at (its training crop), else ``default``.
+
+    Looks for ``data.train.args.crop_size`` (the data pipeline's datasets) or ``crop`` (the
+    training package's frame-averaging dataset) in the stored configuration.
+    """
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader instead
+        return default
+    args = (((ckpt.get("config") or {}).get("data") or {}).get("train") or {}).get("args") or {}
+    for key in ("crop_size", "crop"):
+        value = args.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
