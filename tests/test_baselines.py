@@ -4,7 +4,6 @@ deblur --model baseline_ae|baseline_gan``)."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from conftest import REPO_ROOT
 from face_batches import load_faces, make_batch
 from PIL import Image
+from step_context import PlainStepContext
 
 from facedeblur_ext import cli
 from facedeblur_ext.losses.baselines import (
@@ -125,33 +125,13 @@ def test_vgg19_perceptual_loads_a_local_torchvision_style_state_dict(tmp_path):
         VGG19Perceptual(path)
 
 
-class _PlainContext:
-    """A minimal StepContext (no AMP, no DDP) for driving a task without the trainer."""
-
-    def __init__(self, optimizers):
-        self.optimizers = optimizers
-        self.step = self.epoch = 0
-        self.distributed = False
-
-    def autocast(self):
-        return contextlib.nullcontext()
-
-    def frozen(self, *names):
-        return contextlib.nullcontext()
-
-    def optimize(self, name, loss):
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {}
 
 
 def tiny_task(name):
     config = load_config(name, CONFIGS / f"{name}_tiny.yaml")
     task = get_task(name)(config, torch.device("cpu"))
     models = task.build_models()
-    return task, models, _PlainContext(task.build_optimizers(models))
+    return task, models, PlainStepContext(task.build_optimizers(models))
 
 
 def test_baseline_configs_are_the_theses():

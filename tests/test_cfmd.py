@@ -6,7 +6,6 @@ deformable convolution runs on the reference backend unless the fused op is regi
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import signal
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 import yaml
 from conftest import REPO_ROOT, device_params
 from PIL import Image
+from step_context import PlainStepContext
 
 import facedeblur_ext
 from facedeblur_ext import cli
@@ -340,26 +340,6 @@ def test_model_digest_sees_one_changed_value():
 # ----------------------------------------------------------------------------- training
 
 
-class _PlainContext:
-    """A minimal StepContext (no AMP, no DDP) for driving the task directly."""
-
-    def __init__(self, optimizers):
-        self.optimizers = optimizers
-        self.step = self.epoch = 0
-        self.distributed = False
-
-    def autocast(self):
-        return contextlib.nullcontext()
-
-    def frozen(self, *names):
-        return contextlib.nullcontext()
-
-    def optimize(self, name, loss):
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {}
 
 
 def test_training_steps_on_real_frames_reduce_the_loss():
@@ -367,7 +347,7 @@ def test_training_steps_on_real_frames_reduce_the_loss():
     cfg = load_config("cfmd", TINY_CONFIG, [f"model.backend={BACKEND_NAME}", "optim.lr=1e-3"])
     task = CFMDTask(cfg, torch.device("cpu"))
     models = task.build_models()
-    ctx = _PlainContext(task.build_optimizers(models))
+    ctx = PlainStepContext(task.build_optimizers(models))
     batch = real_batch(n=2)
     identity = multiscale_charbonnier_loss(image_pyramid(batch["blurry"]),
                                            image_pyramid(batch["sharp"])).item()

@@ -7,7 +7,6 @@ reference composition where it is registered.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from face_batches import load_faces, make_batch
+from step_context import PlainStepContext
 
 import facedeblur_ext
 from facedeblur_ext.losses.snadnet import (
@@ -295,26 +295,6 @@ def test_miou_on_known_label_maps():
 # ----------------------------------------------------------------------------- training
 
 
-class _PlainContext:
-    """A minimal StepContext (no AMP, no DDP) for driving the task without the trainer."""
-
-    def __init__(self, optimizers):
-        self.optimizers = optimizers
-        self.step = self.epoch = 0
-        self.distributed = False
-
-    def autocast(self):
-        return contextlib.nullcontext()
-
-    def frozen(self, *names):
-        return contextlib.nullcontext()
-
-    def optimize(self, name, loss):
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {}
 
 
 def stage_task(stage, tmp_path, *overrides):
@@ -323,7 +303,7 @@ def stage_task(stage, tmp_path, *overrides):
                                                         *overrides]), stage)
     task = SNADNetTask(config, torch.device("cpu"))
     models = task.build_models()
-    return task, models, _PlainContext(task.build_optimizers(models))
+    return task, models, PlainStepContext(task.build_optimizers(models))
 
 
 def stage1_checkpoint(tmp_path, parser) -> str:
