@@ -11,40 +11,12 @@
 #include <cuda_fp16.h>
 
 #include "modulated_deform_conv_kernels.h"
+#include "cuda/device_types.cuh"
 
 namespace facedeblur::cuda {
 namespace {
 
 constexpr int kWarp = 32;
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(float v);
-template <>
-__device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <typename T>
-__device__ __forceinline__ T from_acc(double v) {
-  return v;
-}
 
 // One sampling point (image, offset group, tap, output pixel).
 template <typename acc_t>
@@ -108,7 +80,7 @@ __device__ __forceinline__ void bilinear_weights(const Tap<acc_t>& tap, acc_t w[
 template <typename scalar_t>
 __global__ void gather_columns_kernel(MdcShape s, MdcInputs in, MdcTile tile,
                                       scalar_t* __restrict__ columns) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
   if (t >= tile.pixels) return;  // no barrier in this kernel
   const int k = blockIdx.y;
@@ -138,7 +110,7 @@ template <typename scalar_t, bool kDots, bool kAtomicScatter, bool kColumns>
 __global__ void backward_samples_kernel(MdcShape s, MdcInputs in, MdcTile tile,
                                         const scalar_t* __restrict__ grad_columns,
                                         MdcBackwardOutputs out) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   extern __shared__ __align__(16) unsigned char shared_raw[];
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
   const bool active = t < tile.pixels;
@@ -238,8 +210,8 @@ __global__ void backward_samples_kernel(MdcShape s, MdcInputs in, MdcTile tile,
 template <typename scalar_t>
 __global__ void scatter_keys_kernel(MdcShape s, MdcInputs in, MdcTile tile,
                                     int64_t* __restrict__ keys,
-                                    typename AccOf<scalar_t>::type* __restrict__ weights) {
-  using acc_t = typename AccOf<scalar_t>::type;
+                                    typename AccType<scalar_t>::type* __restrict__ weights) {
+  using acc_t = typename AccType<scalar_t>::type;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= tile.pixels) return;
   const int k = blockIdx.y;
@@ -280,10 +252,10 @@ template <typename scalar_t>
 __global__ void gather_input_grad_kernel(MdcShape s, MdcTile tile,
                                          const int64_t* __restrict__ starts,
                                          const int64_t* __restrict__ permutation,
-                                         const typename AccOf<scalar_t>::type* __restrict__ weights,
+                                         const typename AccType<scalar_t>::type* __restrict__ weights,
                                          const scalar_t* __restrict__ grad_columns,
-                                         typename AccOf<scalar_t>::type* __restrict__ grad_acc) {
-  using acc_t = typename AccOf<scalar_t>::type;
+                                         typename AccType<scalar_t>::type* __restrict__ grad_acc) {
+  using acc_t = typename AccType<scalar_t>::type;
   const int64_t hw = s.height * s.width, taps = s.kernel_h * s.kernel_w;
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (index >= tile.images * s.channels * hw) return;
@@ -329,7 +301,7 @@ template <typename scalar_t, bool kDots, bool kAtomicScatter, bool kColumns>
 cudaError_t backward_samples_variant(const MdcShape& s, const MdcInputs& in,
                                      const MdcTile& tile, const void* grad_columns,
                                      const MdcBackwardOutputs& out, cudaStream_t stream) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   const int slices = slices_for(s.channels / s.offset_groups);
   const dim3 block(kWarp, slices);
   const size_t shared = (kDots && slices > 1) ? 4 * slices * kWarp * sizeof(acc_t) : 0;
@@ -364,7 +336,7 @@ cudaError_t scatter_keys_typed(const MdcShape& s, const MdcInputs& in, const Mdc
                                int64_t* keys, void* weights, cudaStream_t stream) {
   constexpr int kThreads = 128;
   scatter_keys_kernel<scalar_t><<<sample_grid(s, tile, kThreads), kThreads, 0, stream>>>(
-      s, in, tile, keys, static_cast<typename AccOf<scalar_t>::type*>(weights));
+      s, in, tile, keys, static_cast<typename AccType<scalar_t>::type*>(weights));
   return cudaGetLastError();
 }
 
@@ -373,7 +345,7 @@ cudaError_t gather_input_grad_typed(const MdcShape& s, const MdcTile& tile,
                                     const int64_t* starts, const int64_t* permutation,
                                     const void* weights, const void* grad_columns,
                                     void* grad_input_acc, cudaStream_t stream) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = typename AccType<scalar_t>::type;
   constexpr int kThreads = 256;
   const int64_t total = tile.images * s.channels * s.height * s.width;
   if (total == 0) return cudaSuccess;

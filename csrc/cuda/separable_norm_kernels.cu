@@ -20,6 +20,7 @@
 // a warp along 32 channels of one pixel (coalesced within a pixel's channel vector) and the
 // block's 8 warps along pixels, so both layouts are read at full width without a transpose.
 #include "cuda/separable_norm_kernels.h"
+#include "cuda/device_types.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -34,39 +35,6 @@ constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 constexpr int kWarps = kThreads / kWarp;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-struct FromAcc;
-template <>
-struct FromAcc<float> {
-  __device__ static float cvt(float v) { return v; }
-};
-template <>
-struct FromAcc<double> {
-  __device__ static double cvt(double v) { return v; }
-};
-template <>
-struct FromAcc<__half> {
-  __device__ static __half cvt(float v) { return __float2half_rn(v); }
-};
-template <>
-struct FromAcc<__nv_bfloat16> {
-  __device__ static __nv_bfloat16 cvt(float v) { return __float2bfloat16_rn(v); }
-};
 
 template <typename T>
 struct AffineDev {
