@@ -21,18 +21,16 @@ Run: ``PYTHONPATH=$PWD:$PWD/python python -m pytest benchmarks/bench_blur.py``
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import facedeblur_ref as ref
 import pytest
 import torch
+from benchutil import DEVICES, sync, write_json_atomic
 
-import facedeblur_ext
 from facedeblur_ext import ops
 from facedeblur_ext.nn import BlurConfig, BlurSynthesizer
 
@@ -49,20 +47,8 @@ TARGETS = {
 _RESULTS: dict[str, dict[str, dict]] = {}
 
 
-def _cuda_usable() -> bool:
-    return torch.cuda.is_available() and bool(facedeblur_ext.build_info()["with_cuda"])
 
 
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not _cuda_usable(),
-                                                             reason="no CUDA device or build")),
-]
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _record(benchmark, device: str, name: str, per_item: int = 1, **extra) -> None:
@@ -106,7 +92,7 @@ def test_trajectory_kernels(benchmark, device, impl):
 
     def run():
         out = fn(n, KSIZE, generator=gen, device=device)
-        _sync(device)
+        sync(device)
         return out
 
     benchmark.extra_info.update(kernels_per_round=n, size=KSIZE, num_steps=2000)
@@ -162,7 +148,7 @@ def test_blur_synthesize(benchmark, device, impl):
 
     def run():
         out = fn()
-        _sync(device)
+        sync(device)
         return out
 
     benchmark.extra_info.update(batch=list(images.shape), kernel=KSIZE,
@@ -181,7 +167,7 @@ def test_blur_synthesizer(benchmark, device, impl):
 
     def run():
         out = synth(images, mask=mask)
-        _sync(device)
+        sync(device)
         return out
 
     benchmark.pedantic(run, rounds=ROUNDS if impl == "fused" else 3, warmup_rounds=1)
@@ -232,8 +218,4 @@ def _write_summary():
             "targets": targets,
             "results": results,
         }
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / f"{device}_blur.json"
-        with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as fh:
-            json.dump(summary, fh, indent=2)
-        os.replace(fh.name, target)
+        write_json_atomic(out_dir / f"{device}_blur.json", summary)

@@ -28,17 +28,16 @@ Run: ``PYTHONPATH=$PWD:$PWD/python python -m pytest benchmarks/bench_cfmd.py``
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import resource
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from benchutil import DEVICES, write_json_atomic
 
 import facedeblur_ext
 from facedeblur_ext.training.cfmd_task import CFMDTask
@@ -52,9 +51,6 @@ BACKEND_MODULES = {"reference": "facedeblur_ref", "fused": "facedeblur_ext.ops"}
 def _fused_available() -> bool:
     return hasattr(facedeblur_ext.ops, "modulated_deform_conv2d")
 
-
-def _cuda_usable() -> bool:
-    return torch.cuda.is_available() and bool(facedeblur_ext.build_info()["with_cuda"])
 
 
 def _sizes(device: str) -> dict:
@@ -159,11 +155,6 @@ BACKENDS = [
     pytest.param("fused", id="fused", marks=pytest.mark.skipif(
         not _fused_available(), reason="fused modulated_deform_conv2d not registered")),
 ]
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
-        not _cuda_usable(), reason="no CUDA device or no CUDA build")),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -235,11 +226,7 @@ def _write_summary():
             summary["note"] = "fused op not registered in this build: reference only"
         else:
             summary["note"] = "a variant ran out of memory: lower CFMD_BENCH_BATCH/SIZE to compare"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / f"cfmd_{device}.json"
-        with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as fh:
-            json.dump(summary, fh, indent=2)
-        os.replace(fh.name, target)
+        write_json_atomic(out_dir / f"cfmd_{device}.json", summary)
 
 
 def _main_rss_probe(backend_name: str) -> None:

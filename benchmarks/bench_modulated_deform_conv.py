@@ -39,6 +39,7 @@ from pathlib import Path
 import facedeblur_ref
 import pytest
 import torch
+from benchutil import sync, write_json_atomic
 
 import facedeblur_ext
 from facedeblur_ext.ops import modulated_deform_conv2d
@@ -98,10 +99,6 @@ def make_inputs(channels: int, size: int, device: str, dtype: torch.dtype, grad:
     return x, offset, weight, bias, mask
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
 
 def _runner(fn, inputs, mode: str, device: str):
     x, offset, weight, bias, mask = inputs
@@ -109,14 +106,14 @@ def _runner(fn, inputs, mode: str, device: str):
     def forward():
         with torch.no_grad():
             fn(x, offset, weight, bias, (1, 1), (1, 1), (1, 1), mask)
-        _sync(device)
+        sync(device)
 
     def forward_backward():
         for t in inputs:
             t.grad = None
         out = fn(x, offset, weight, bias, (1, 1), (1, 1), (1, 1), mask)
         out.backward(torch.ones_like(out))
-        _sync(device)
+        sync(device)
 
     return forward if mode == "forward" else forward_backward
 
@@ -249,10 +246,7 @@ def _write_results() -> None:
         if path.exists():
             existing = json.loads(path.read_text())
         existing["runs"] = [r for r in existing["runs"] if r["config"] != config] + [run]
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(existing, indent=2) + "\n")
-        tmp.replace(path)  # atomic
+        write_json_atomic(path, existing)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -35,7 +35,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +42,7 @@ import facedeblur_ref
 import pytest
 import torch
 import torch.nn.functional as F
+from benchutil import sync, write_json_atomic
 
 import facedeblur_ext
 from facedeblur_ext import ops
@@ -100,10 +100,6 @@ def min_bytes(shape, regions, mode, dtype):
     backward = 7 * ncp + nrp
     return elem * (forward if mode == "forward" else forward + backward)
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_step(step, device, repeats, warmup=1):
@@ -198,13 +194,8 @@ def main(argv=None) -> int:
         "results": results,
         "summary": summary(results),
     }
-    text = json.dumps(report, indent=2)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=args.out.parent, delete=False,
-                                         suffix=".tmp") as tmp:
-            tmp.write(text + "\n")
-        os.replace(tmp.name, args.out)
+        write_json_atomic(args.out, report)
     print(json.dumps(report["summary"], indent=2))
     return 0
 

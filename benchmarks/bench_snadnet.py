@@ -23,17 +23,16 @@ Run: ``PYTHONPATH=$PWD:$PWD/python python -m pytest benchmarks/bench_snadnet.py`
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import facedeblur_ref
 import pytest
 import torch
 import torch.nn.functional as F
+from benchutil import DEVICES, write_json_atomic
 
 import facedeblur_ext
 from facedeblur_ext.losses.snadnet import multi_region_reconstruction_loss, texture_loss
@@ -46,9 +45,6 @@ _RESULTS: dict[str, dict] = {}
 def _fused_available() -> bool:
     return hasattr(facedeblur_ext.ops, "separable_norm")
 
-
-def _cuda_usable() -> bool:
-    return torch.cuda.is_available() and bool(facedeblur_ext.build_info()["with_cuda"])
 
 
 def _sizes(device: str) -> dict:
@@ -109,11 +105,6 @@ BACKENDS = [
     pytest.param("fused", id="fused", marks=pytest.mark.skipif(
         not _fused_available(), reason="fused separable_norm op not registered")),
 ]
-DEVICES = [
-    pytest.param("cpu", id="cpu"),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(
-        not _cuda_usable(), reason="no CUDA device or no CUDA build")),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -169,8 +160,4 @@ def _write_summary():
                     fused["cuda_peak_step_bytes"] / ref["cuda_peak_step_bytes"])
         else:
             summary["note"] = "fused op not registered in this build: reference only"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / f"snadnet_{device}.json"
-        with tempfile.NamedTemporaryFile("w", dir=out_dir, delete=False, suffix=".tmp") as fh:
-            json.dump(summary, fh, indent=2)
-        os.replace(fh.name, target)
+        write_json_atomic(out_dir / f"snadnet_{device}.json", summary)
