@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("facedeblur_ext.commands.synth",
               "write a synthetic blur data set (kernel, face-only or frame averaging)"),
     "train": ("facedeblur_ext.commands.train", "train a model (cfmd, ...) from a config file"),
+    "export": ("facedeblur_ext.commands.export",
+               "a small inference checkpoint (weights only, float16) from a training one"),
     "deblur": ("facedeblur_ext.commands.deblur", "restore blurry face images with a checkpoint"),
     "eval": ("facedeblur_ext.commands.eval",
              "evaluation tables of the papers' protocols (kernel, frames, face-region)"),

@@ -25,6 +25,7 @@ from step_context import PlainStepContext
 import facedeblur_ext
 from facedeblur_ext import cli
 from facedeblur_ext.commands.deblur import gif_frame_ms
+from facedeblur_ext.evaluation.methods import checkpoint_working_size
 from facedeblur_ext.losses import (
     CFMDObjective,
     build_perceptual_loss,
@@ -424,6 +425,80 @@ def test_checkpoint_round_trip_and_exact_resume(tmp_path):
     _assert_same(_final_state(straight), _final_state(second))
     logged = (tmp_path / "split" / "train.csv").read_text().splitlines()
     assert [int(line.split(",")[0]) for line in logged[1:]] == list(range(1, 2 * k + 1))
+
+
+def test_cosine_schedule_with_warmup():
+    from facedeblur_ext.training.trainer import build_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=2.0)
+    sched = build_scheduler(opt, {"cosine_steps": 6, "warmup_steps": 2, "min_lr_ratio": 0.1})
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    cosine = [0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(5)]
+    expected = [2.0 * f for f in [0.5, 1.0, *cosine, 0.1]]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="must exceed"):
+        build_scheduler(opt, {"cosine_steps": 2, "warmup_steps": 2})
+
+
+def test_kernel_blur_recipe_trains_the_generator_alone_and_exports(tmp_path):
+    """The default checkpoint's recipe (cfmd_kernel_blur) at toy size: still faces, u = 0.5,
+    no discriminator updates, per-step cosine LR, then a float16 inference export."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for path in sorted((REPO_ROOT / "facedeblur_ext/assets/faces").glob("celeba_*.png")):
+        (faces / path.name).write_bytes(path.read_bytes())
+    tiny_g = ("{widths: [8, 16, 32], blocks_per_stage: 1, control_channels: 16, "
+              "attention_reduction: 4}")
+    config = load_config("cfmd", "cfmd_kernel_blur", [
+        f"output_dir={tmp_path / 'run'}", "device=cpu", f"model.backend={BACKEND_NAME}",
+        f"model.generator={tiny_g}", "model.discriminator={base_channels: 8, "
+        "channel_multipliers: [1, 2, 4]}", "loss.weights.per=0", "loss.perceptual=none",
+        "train.max_steps=4", "optim.cosine_steps=4", "optim.warmup_steps=1",
+        "train.num_workers=0", "train.num_threads=1", "train.log_every=1",
+        "train.checkpoint_every=0", "train.progress=false", "data.val_count=2",
+        "data.train.args.crop_size=32", "data.train.args.base_size=40",
+        "data.val.args.crop_size=40", "data.val.args.base_size=40", "val.every_steps=0",
+        "val.max_batches=1", "val.batch_size=2", "val.preview.images=2"])
+    config["data"]["root"] = str(faces)
+    trainer = Trainer(config)
+    result = trainer.fit()
+    assert result["step"] == 4 and result["last_val"]["psnr"] > 10
+    disc = trainer.raw_models["discriminator"]
+    torch.manual_seed(int(config["seed"]))  # the trainer seeds before building the models
+    CFMDGenerator(**config["model"]["generator"], backend=resolve_backend(BACKEND_NAME))
+    fresh_disc = UNetDiscriminator(**config["model"]["discriminator"])
+    assert model_digest(disc) == model_digest(fresh_disc)  # D never updated
+    rows = (tmp_path / "run" / "train.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    values = [dict(zip(header, r.split(","), strict=True)) for r in rows[1:]]
+    assert all(float(v["g_adv"]) == 0 and float(v["g_ar"]) == 0 for v in values)
+    assert [float(v["lr_generator"]) for v in values] == pytest.approx(
+        [3e-4, 3e-4, 3e-4 * (0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi / 3))),
+         3e-4 * (0.02 + 0.98 * 0.5 * (1 + np.cos(2 * np.pi / 3)))], rel=1e-6)
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    small = tmp_path / "small.pt"
+    assert cli.main(["export", str(ckpt), str(small)]) == 0
+    exported = load_checkpoint(small)
+    assert set(exported["models"]) == {"generator"} and "optimizers" not in exported
+    assert all(v.dtype == torch.float16 for v in exported["models"]["generator"].values()
+               if v.is_floating_point())
+    assert small.stat().st_size < 0.3 * ckpt.stat().st_size
+    assert checkpoint_working_size(small) == 40  # the validation crop (whole faces)
+    x = real_batch(n=1)["blurry"]
+    full = load_generator(ckpt, backend=resolve_backend(BACKEND_NAME)).restore(x, 0.5)
+    half = load_generator(small, backend=resolve_backend(BACKEND_NAME)).restore(x, 0.5)
+    torch.testing.assert_close(half, full, atol=2e-2, rtol=0)
+    assert (half - full).abs().max() > 0  # really rounded to float16
+    with pytest.raises(SystemExit, match="no model 'critic'"):
+        cli.main(["export", str(ckpt), str(tmp_path / "x.pt"), "--models", "critic"])
+    with pytest.raises(FileNotFoundError, match="packaged config"):
+        load_config("cfmd", "no_such_recipe")
 
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):

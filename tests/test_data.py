@@ -398,6 +398,29 @@ def test_kernel_dataset_shapes_and_determinism(analyzer):
     torch.testing.assert_close(torch.rand(3), expected)
 
 
+class _NoAnalysis:
+    def analyze(self, *args, **kwargs):
+        raise AssertionError("face_masks=False must not analyze faces")
+
+
+def test_kernel_dataset_without_face_masks_skips_the_analysis(analyzer):
+    common = dict(crop_size=64, seed=3)
+    plain = KernelBlurDataset(SHARP_FACES, GaussianBlurStandIn(), analyzer=_NoAnalysis(),
+                              face_masks=False, **common)
+    with_masks = KernelBlurDataset(SHARP_FACES, GaussianBlurStandIn(), analyzer=analyzer,
+                                   **common)
+    a, b = plain[2], with_masks[2]
+    assert set(a) == {"sharp", "blurry", "index"}
+    # Same crop and blur: only the mask keys differ.
+    torch.testing.assert_close(a["sharp"], b["sharp"], rtol=0, atol=0)
+    torch.testing.assert_close(a["blurry"], b["blurry"], rtol=0, atol=0)
+    for bad in (dict(blur_region="face"), dict(return_regions=True),
+                dict(return_parsing=True), dict(on_no_face="skip")):
+        with pytest.raises(ValueError, match="face_masks=False"):
+            KernelBlurDataset(SHARP_FACES, GaussianBlurStandIn(), analyzer=_NoAnalysis(),
+                              face_masks=False, **common, **bad)
+
+
 def test_face_only_blur_keeps_the_background_sharp(analyzer):
     common = dict(analyzer=analyzer, crop_size=96, seed=5, return_blur_info=True)
     whole = KernelBlurDataset(SHARP_FACES[4:], GaussianBlurStandIn(), **common)

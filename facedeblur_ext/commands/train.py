@@ -23,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("task", help=f"what to train: {', '.join(sorted(TASKS))}")
     parser.add_argument("--config", "-c", default=None,
-                        help="YAML or TOML file merged over the task's packaged defaults")
+                        help="YAML or TOML file, or a packaged config name (e.g. "
+                             "cfmd_kernel_blur), merged over the task's packaged defaults")
     parser.add_argument("--output-dir", "-o", default=None, help="run folder (output_dir)")
     parser.add_argument("--data-root", default=None, metavar="DIR",
                         help="data.root: the folder of training images, for tasks whose config "

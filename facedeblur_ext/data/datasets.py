@@ -165,6 +165,9 @@ class KernelBlurDataset(_AugmentedFaceDataset):
         return_regions: add ``regions`` ``[4, h, w]`` (SNADNet's four regions).
         return_parsing: add ``parsing`` ``[h, w]`` int64 labels of
             :data:`~facedeblur_ext.data.masks.PARSING_CLASSES`.
+        face_masks: analyze the face and return ``face_mask``/``face_found``. False skips
+            the face analysis altogether (whole-image blur without regions or parsing only:
+            no MediaPipe work per sample).
         return_blur_info: add ``blur_info`` (the synthesizer's info dict; variable-size
             kernels need ``batch_size=1`` or a custom collate).
         on_no_face: ``"fallback"`` keeps images where no face mesh is found, with the fallback
@@ -174,8 +177,8 @@ class KernelBlurDataset(_AugmentedFaceDataset):
             alpha, too small, unreadable) with one summary warning.
         min_size: smallest accepted image side.
 
-    Sample keys: ``sharp``, ``blurry`` (with a synthesizer), ``face_mask`` ``[1, h, w]``,
-    ``face_found`` (bool), ``index``, and the optional ones above.
+    Sample keys: ``sharp``, ``blurry`` (with a synthesizer), ``face_mask`` ``[1, h, w]`` and
+    ``face_found`` (bool) unless ``face_masks=False``, ``index``, and the optional ones above.
     """
 
     def __init__(self, images: str | os.PathLike | Iterable[str | os.PathLike],
@@ -185,7 +188,8 @@ class KernelBlurDataset(_AugmentedFaceDataset):
                  scale_range: tuple[float, float] = CFMD_SCALE_RANGE, flip_prob: float = 0.5,
                  augment: bool = True, seed: int = 0, soft_masks: bool = True,
                  feather: float = DEFAULT_FEATHER, return_regions: bool = False,
-                 return_parsing: bool = False, return_blur_info: bool = False,
+                 return_parsing: bool = False, face_masks: bool = True,
+                 return_blur_info: bool = False,
                  on_no_face: str = "fallback", validate: bool = True,
                  min_size: int = DEFAULT_MIN_SIZE):
         super().__init__(analyzer=analyzer, crop_size=crop_size, base_size=base_size,
@@ -195,6 +199,11 @@ class KernelBlurDataset(_AugmentedFaceDataset):
             raise ValueError(f"blur_region must be 'whole' or 'face', got {blur_region!r}")
         if on_no_face not in ("fallback", "skip"):
             raise ValueError(f"on_no_face must be 'fallback' or 'skip', got {on_no_face!r}")
+        if not face_masks and (blur_region == "face" or return_regions or return_parsing
+                               or on_no_face == "skip"):
+            raise ValueError("face_masks=False needs blur_region='whole', no regions or "
+                             "parsing, and on_no_face='fallback': those need the face analysis")
+        self.face_masks = bool(face_masks)
         self.synthesizer = synthesizer
         self.blur_region = blur_region
         self.return_regions = bool(return_regions)
@@ -237,8 +246,9 @@ class KernelBlurDataset(_AugmentedFaceDataset):
                 last_error = exc
                 warnings.warn(f"{exc}; using the next image instead", UserWarning, stacklevel=2)
                 continue
-            analysis = self.analyzer.analyze(image, name=str(path))
-            if not analysis.found and self.on_no_face == "skip":
+            analysis = (self.analyzer.analyze(image, name=str(path)) if self.face_masks
+                        else None)
+            if analysis is not None and not analysis.found and self.on_no_face == "skip":
                 last_error = BadImageError("no face found", path)
                 continue
             # The rng depends on the requested index, not on a substitute's, so a substitution
@@ -246,19 +256,19 @@ class KernelBlurDataset(_AugmentedFaceDataset):
             return self._make_sample(index, image, analysis, self._augmentation_rng(index))
         raise RuntimeError(f"no usable image found from index {index} on") from last_error
 
-    def _make_sample(self, index: int, image: np.ndarray, analysis: FaceAnalysis,
+    def _make_sample(self, index: int, image: np.ndarray, analysis: FaceAnalysis | None,
                      rng: np.random.Generator) -> dict:
         transform = self._transform(rng, image.shape[:2])
         synth_seed = int(rng.integers(0, 2**63 - 1))
         crop = transform.apply_image(image)
-        masks = render_masks(analysis, transform, soft=self.soft_masks, feather=self.feather)
         sharp = _image_tensor(crop)
-        sample = {
-            "sharp": sharp,
-            "face_mask": torch.from_numpy(masks["face"])[None],
-            "face_found": torch.tensor(analysis.found),
-            "index": torch.tensor(index),
-        }
+        sample = {"sharp": sharp, "index": torch.tensor(index)}
+        masks = {}
+        if analysis is not None:
+            masks = render_masks(analysis, transform, soft=self.soft_masks,
+                                 feather=self.feather)
+            sample["face_mask"] = torch.from_numpy(masks["face"])[None]
+            sample["face_found"] = torch.tensor(analysis.found)
         if self.synthesizer is not None:
             blend = (torch.from_numpy(masks["face_soft"])[None]
                      if self.blur_region == "face" else None)

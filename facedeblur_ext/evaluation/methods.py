@@ -201,18 +201,22 @@ def load_model(family: str, checkpoint: str | Path, device: torch.device | str =
 
 
 def checkpoint_working_size(checkpoint: str | Path, default: int = 256) -> int:
-    """The image size a checkpoint was trained at (its training crop), else ``default``.
+    """The image size a checkpoint works at, else ``default``.
 
-    Looks for ``data.train.args.crop_size`` (the data pipeline's datasets) or ``crop`` (the
-    training package's frame-averaging dataset) in the stored configuration.
+    That is the validation crop of its run (whole faces at the evaluation scale), else its
+    training crop (which may be a patch of a face): ``data.<val|train>.args.crop_size`` (the
+    data pipeline's datasets) or ``crop`` (the training package's frame-averaging dataset) in
+    the stored configuration.
     """
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader instead
         return default
-    args = (((ckpt.get("config") or {}).get("data") or {}).get("train") or {}).get("args") or {}
-    for key in ("crop_size", "crop"):
-        value = args.get(key)
-        if isinstance(value, int) and value > 0:
-            return value
+    data = (ckpt.get("config") or {}).get("data") or {}
+    for split in ("val", "train"):
+        args = (data.get(split) or {}).get("args") or {}
+        for key in ("crop_size", "crop"):
+            value = args.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
     return default

@@ -103,6 +103,11 @@ class CFMDObjective(nn.Module):
                                + _LPIPS_HELP)
         self.perceptual = perceptual
 
+    @property
+    def adversarial(self) -> bool:
+        """Whether any term needs the discriminator (a weight of adv, ar or q is nonzero)."""
+        return any(self.weights[k] != 0 for k in ("adv", "ar", "q"))
+
     @staticmethod
     def _control_error(pred: Tensor, u_map: Tensor) -> Tensor:
         return (pred.float() - u_map.float()).square().mean()
@@ -130,16 +135,22 @@ class CFMDObjective(nn.Module):
         Args:
             outputs: the generator's multi-scale outputs (coarse to fine).
             targets: the sharp image at the same scales.
-            fake: ``DiscriminatorOutput`` for (b, G(b, u)), with gradients to G.
+            fake: ``DiscriminatorOutput`` for (b, G(b, u)), with gradients to G; None when
+                :attr:`adversarial` is False (generator-only training).
             u_map: [B, 1, H, W] ground-truth control map.
 
         Returns:
             dict with ``g_ar``, ``g_adv``, ``g_pix``, ``g_per`` and the weighted ``g_total``.
         """
         w = self.weights
-        ar = self._control_error(fake.control_map, u_map)
-        adv = (generator_adversarial_loss(fake.global_logits, self.gan_loss)
-               + generator_adversarial_loss(fake.pixel_logits, self.gan_loss))
+        if fake is None:
+            if self.adversarial:
+                raise ValueError("fake=None needs the adversarial weights (adv, ar, q) to be 0")
+            ar = adv = torch.zeros((), device=u_map.device)
+        else:
+            ar = self._control_error(fake.control_map, u_map)
+            adv = (generator_adversarial_loss(fake.global_logits, self.gan_loss)
+                   + generator_adversarial_loss(fake.pixel_logits, self.gan_loss))
         pix = multiscale_charbonnier_loss(outputs, targets, self.eps)
         if self.perceptual is not None and w["per"] != 0:
             per = self.perceptual(outputs[-1], targets[-1]).float().mean()

@@ -6,6 +6,15 @@ plane built from ``u``. Batches of ``facedeblur_ext.data.FrameStackDataset`` (FM
 stacks, collated by ``collate_frame_stacks``) carry the training pair as ``target`` and
 ``target_u`` instead; those take precedence. Each iteration updates D on (blurry, sharp) vs
 (blurry, G(blurry, u)) and then G, as the paper alternates them.
+
+**Still images** (single-to-single, e.g. ``KernelBlurDataset`` batches of kernel-blurred faces)
+carry no ``u``: their target is the middle of the exposure, ``u = 0.5`` [003 Sec. 5.2]. A
+``data`` table with a ``root`` folder of sharp faces builds those datasets with
+:func:`~facedeblur_ext.training.face_data.build_face_datasets` (``--data-root DIR``).
+
+**Generator-only training.** With the adversarial weights ``adv``, ``ar`` and ``q`` all 0 the
+discriminator is not run: G is trained on the pixel and perceptual terms alone (a
+restoration-quality pretraining; the GAN stage can resume from its checkpoint).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from torch import Tensor, nn
 from ..losses.cfmd import CFMDObjective, build_perceptual_loss
 from ..models.cfmd import CFMDGenerator, DiscriminatorOutput, UNetDiscriminator, image_pyramid
 from ..nn.backend import resolve_backend
+from .face_data import build_face_datasets
 from .task import StepContext, Task
 
 __all__ = ["CFMDTask", "preview_grid"]
@@ -47,6 +57,8 @@ class CFMDTask(Task):
 
     name = "cfmd"
     ema_models = ("generator",)
+    #: Control factor of a still image's target (the middle of the exposure).
+    still_image_u = 0.5
 
     def __init__(self, config: dict, device: torch.device):
         super().__init__(config, device)
@@ -67,12 +79,24 @@ class CFMDTask(Task):
             "discriminator": UNetDiscriminator(**mcfg.get("discriminator", {})),
         }
 
-    @staticmethod
-    def pair(batch: dict) -> tuple[Tensor, Tensor]:
+    def build_datasets(self):
+        if (self.config.get("data") or {}).get("root") is not None:
+            return build_face_datasets(self.config)
+        return super().build_datasets()
+
+    @classmethod
+    def pair(cls, batch: dict) -> tuple[Tensor, Tensor]:
         """(sharp [B, 3, H, W], control: [B] or a [B, 1, H, W] map) of a batch."""
         if "target" in batch:
             return batch["target"], batch["target_u"]
-        return batch["sharp"], batch.get("u_map", batch["u"])
+        sharp = batch["sharp"]
+        if "u_map" in batch:
+            return sharp, batch["u_map"]
+        if "u" in batch:
+            return sharp, batch["u"]
+        if sharp.dim() == 3:  # one sample (previews)
+            return sharp, torch.tensor(cls.still_image_u)
+        return sharp, torch.full((sharp.shape[0],), cls.still_image_u, device=sharp.device)
 
     @classmethod
     def control_map(cls, batch: dict) -> Tensor:
@@ -93,6 +117,13 @@ class CFMDTask(Task):
         with ctx.autocast():
             outputs = gen(blurry, u)
         restored = outputs[-1]
+        if not self.objective.adversarial:
+            with ctx.autocast():
+                g_terms = self.objective.generator_terms(outputs, image_pyramid(sharp, 3), None,
+                                                         u_map)
+            logs = ctx.optimize("generator", g_terms["g_total"])
+            logs.update({k: float(v.detach()) for k, v in g_terms.items()})
+            return logs
 
         # Discriminator: real and generated pairs in one forward (one DDP forward/backward).
         with ctx.autocast():

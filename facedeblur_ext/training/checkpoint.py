@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_torch_save", "capture_rng_state", "load_checkpoint", "restore_rng_state"]
+__all__ = ["atomic_torch_save", "capture_rng_state", "export_inference_checkpoint",
+           "load_checkpoint", "restore_rng_state"]
 
 
 def atomic_torch_save(obj, path) -> Path:
@@ -47,6 +48,45 @@ def atomic_torch_save(obj, path) -> Path:
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Load a training checkpoint (weights-only unpickling)."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def export_inference_checkpoint(source, destination, models=("generator",), *,
+                                dtype: torch.dtype | None = torch.float16, prefer_ema: bool = True,
+                                info: dict | None = None) -> Path:
+    """Write the inference part of a training checkpoint: the chosen models' weights.
+
+    Optimizer, scheduler, scaler and RNG states and the other models (a GAN's discriminator)
+    are dropped; the task, config, step and epoch are kept, so the file loads with the same
+    loaders (e.g. :func:`facedeblur_ext.models.cfmd.load_generator`), which cast the weights
+    back to the model's dtype.
+
+    Args:
+        source: a checkpoint written by the trainer.
+        destination: the file to write (atomically).
+        models: names of the models to keep.
+        dtype: floating-point storage dtype (float16 halves the file; None keeps it).
+        prefer_ema: store a model's EMA weights when the checkpoint has them.
+        info: extra plain values to store under ``"info"`` (how it was trained).
+
+    Raises:
+        KeyError: a model in ``models`` is not in the checkpoint.
+    """
+    state = load_checkpoint(source)
+    ema = state.get("ema") or {}
+    kept = {}
+    for name in models:
+        if name not in state.get("models", {}):
+            raise KeyError(f"{source} has no model {name!r}; it has "
+                           f"{sorted(state.get('models', {}))}")
+        weights = ema[name] if prefer_ema and ema.get(name) else state["models"][name]
+        kept[name] = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+                      for k, v in weights.items()}
+    out = {key: state[key] for key in ("format", "task", "config", "step", "epoch")
+           if key in state}
+    out["models"] = kept
+    out["info"] = {"exported_from": str(source), "storage_dtype": str(dtype).replace("torch.", "")
+                   if dtype is not None else "unchanged", **(info or {})}
+    return atomic_torch_save(out, destination)
 
 
 def capture_rng_state() -> dict:

@@ -97,6 +97,25 @@ def default_config_path(task: str) -> Path:
     return Path(str(resources.files("facedeblur_ext") / "configs" / f"{task}.yaml"))
 
 
+def resolve_config_path(path) -> Path:
+    """``path`` itself when it exists, else the packaged config of that name
+    (``cfmd_kernel_blur`` -> ``facedeblur_ext/configs/cfmd_kernel_blur.yaml``)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    packaged = default_config_path(path.stem)
+    if path.parent == Path(".") and path.suffix in ("", ".yaml") and packaged.exists():
+        return packaged
+    raise FileNotFoundError(f"config file {path} does not exist (nor is it a packaged config: "
+                            f"{', '.join(sorted(packaged_config_names()))})")
+
+
+def packaged_config_names() -> list[str]:
+    """Names of the configs shipped in ``facedeblur_ext/configs``."""
+    folder = default_config_path("x").parent
+    return [p.stem for p in folder.glob("*.yaml")]
+
+
 def load_config(task: str, path=None, overrides: Iterable[str] = ()) -> dict:
     """The task's packaged defaults, merged with the file ``path`` and then ``overrides``."""
     config = {}
@@ -104,7 +123,7 @@ def load_config(task: str, path=None, overrides: Iterable[str] = ()) -> dict:
     if default.exists():
         config = read_config(default)
     if path is not None:
-        config = deep_merge(config, read_config(path))
+        config = deep_merge(config, read_config(resolve_config_path(path)))
     config = apply_overrides(config, overrides)
     config.setdefault("task", task)
     if config["task"] != task:

@@ -2,7 +2,8 @@
 
 Features: single process or ``torchrun`` DDP (NCCL on CUDA, gloo on CPU); AMP on CUDA (bf16,
 or fp16 with a GradScaler per optimizer); gradient clipping; optional EMA of chosen models;
-learning rates decayed by a constant factor per epoch; tqdm progress; CSV (and TensorBoard)
+learning rates decayed by a constant factor per epoch, or a per-step cosine schedule with
+linear warmup; tqdm progress; CSV (and TensorBoard)
 logs; periodic validation with PSNR/SSIM (plus the task's own metrics) and a preview grid;
 atomic checkpoints with exact resume (models, EMA, optimizers, schedulers, scalers, every
 rank's RNG states and the position within the epoch); SIGINT/SIGTERM finish the current step,
@@ -12,7 +13,8 @@ Configuration keys used here (the task reads ``model``, ``loss``, ``data``)::
 
     seed, output_dir, device (auto|cpu|cuda[:N])
     distributed: {backend: auto, check_replicas_every: 0}
-    optim: {lr, betas, lr_decay_per_epoch, grad_clip_norm}
+    optim: {lr, betas, lr_decay_per_epoch, grad_clip_norm,
+            cosine_steps (replaces lr_decay_per_epoch), warmup_steps, min_lr_ratio}
     train: {epochs, max_steps, batch_size (per process), num_workers, num_threads, shuffle, amp
             (auto|off|bf16|fp16), ema: {enabled, decay}, log_every, checkpoint_every,
             keep_checkpoints, tensorboard}
@@ -23,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,6 +67,34 @@ def resolve_amp_dtype(mode, device: torch.device) -> torch.dtype | None:
             raise ValueError("train.amp=fp16 needs CUDA; use bf16 or off on the CPU")
         return torch.float16
     raise ValueError(f"train.amp must be auto, off, bf16 or fp16; got {mode!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: dict
+                    ) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of an ``optim`` table.
+
+    With ``cosine_steps`` set: linear warmup over ``warmup_steps`` (default 0), then a cosine
+    from ``lr`` down to ``min_lr_ratio * lr`` (default 0.01) at step ``cosine_steps``, constant
+    after; stepped once per training step. Otherwise the learning rate is multiplied by
+    ``lr_decay_per_epoch`` (default 1) at the end of each epoch.
+    """
+    total = optim.get("cosine_steps")
+    if not total:
+        decay = float(optim.get("lr_decay_per_epoch", 1.0))
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
+    total = int(total)
+    warmup = int(optim.get("warmup_steps", 0) or 0)
+    floor = float(optim.get("min_lr_ratio", 0.01))
+    if total <= warmup:
+        raise ValueError(f"optim.cosine_steps={total} must exceed optim.warmup_steps={warmup}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def model_digest(model: nn.Module, buffers: bool = True) -> str:
@@ -174,9 +206,9 @@ class Trainer:
         self.task = self.task_cls(cfg, self.device)
         self.raw_models = {n: m.to(self.device) for n, m in self.task.build_models().items()}
         self.optimizers = self.task.build_optimizers(self.raw_models)
-        decay = float(cfg["optim"].get("lr_decay_per_epoch", 1.0))
-        self.schedulers = {n: torch.optim.lr_scheduler.ExponentialLR(o, gamma=decay)
+        self.schedulers = {n: build_scheduler(o, cfg["optim"])
                            for n, o in self.optimizers.items()}
+        self.per_step_schedule = bool(cfg["optim"].get("cosine_steps"))
         fp16 = self.amp_dtype == torch.float16
         self.scalers = {n: torch.amp.GradScaler(self.device.type, enabled=fp16)
                         for n in self.optimizers}
@@ -477,13 +509,21 @@ class Trainer:
                             progress.set_postfix({k: f"{float(v):.4g}" for k, v in logs.items()
                                                   if k.endswith("total")})
                             running, running_n, tick = {}, 0, now
+                    if self.per_step_schedule:  # after logging: rows show the step's own LR
+                        with warnings.catch_warnings():
+                            # An optimizer the task did not use this step (a GAN's D during
+                            # generator-only training) keeps to the same schedule.
+                            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                            for s in self.schedulers.values():
+                                s.step()
                     if self.step_callback is not None:
                         self.step_callback(self)
                     if self.epoch_step == self.steps_per_epoch:
                         self.epoch += 1
                         self.epoch_step = 0
-                        for s in self.schedulers.values():
-                            s.step()
+                        if not self.per_step_schedule:
+                            for s in self.schedulers.values():
+                                s.step()
                         if val_every_epochs and self.epoch % val_every_epochs == 0:
                             last_val, last_val_step = self.validate(), self.step
                     if val_every and self.step % val_every == 0 and last_val_step != self.step:

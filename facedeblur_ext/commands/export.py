@@ -1,0 +1,46 @@
+"""``facedeblur export``: a small inference checkpoint from a training checkpoint.
+
+Example::
+
+    facedeblur export runs/cfmd/checkpoints/last.pt cfmd_small.pt   # generator, float16
+
+The output keeps the chosen models' weights (EMA weights when the run kept them), the task and
+the config, and loads wherever the training checkpoint does (``facedeblur deblur``, ``eval``,
+``demo --checkpoint``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="training checkpoint (facedeblur train ...)")
+    parser.add_argument("output", help="inference checkpoint to write")
+    parser.add_argument("--models", nargs="+", default=["generator"],
+                        help="models to keep (default: generator)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                        help="storage dtype of the weights (default float16: half the size)")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="store the raw weights even when the checkpoint has EMA weights")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from facedeblur_ext.training.checkpoint import export_inference_checkpoint
+
+    source = Path(args.checkpoint)
+    if not source.is_file():
+        raise SystemExit(f"checkpoint {source} does not exist")
+    try:
+        path = export_inference_checkpoint(source, args.output, args.models,
+                                           dtype=getattr(torch, args.dtype),
+                                           prefer_ema=not args.no_ema)
+    except KeyError as exc:
+        raise SystemExit(str(exc.args[0])) from None
+    size = path.stat().st_size / 2**20
+    print(f"wrote {path} ({size:.1f} MiB, {args.dtype}, models: {', '.join(args.models)})")
+    return 0
