@@ -245,6 +245,34 @@ def test_demo_with_a_tiny_checkpoint(tmp_path, tiny_checkpoint, capsys):
     assert "| cfmd (restored) |" in (out / "metrics.md").read_text()
 
 
+def test_demo_with_the_default_checkpoint_restores_the_bundled_faces(tmp_path, capsys):
+    """The shipped model (facedeblur_ext/assets/checkpoints/README.md) on the demo's seeded
+    trajectory blur: clearly sharper than the input by every full-reference metric."""
+    from facedeblur_ext.commands.demo import DEFAULT_CHECKPOINT
+
+    assert DEFAULT_CHECKPOINT.is_file(), "the default checkpoint must ship with the package"
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "-o", str(out), "--frames", "3", "--device", "cpu"]) == 0
+    payload = json.loads((out / "metrics.json").read_text())
+    assert payload["size"] == 128 and len(payload["faces"]) == 4
+    blurry, restored = payload["cells"]["blurry input"], payload["cells"]["cfmd (restored)"]
+    # Measured when it shipped: PSNR 23.67 -> 25.32 dB, SSIM 0.522 -> 0.702, LPIPS 0.286 ->
+    # 0.252, SFace distance 0.396 -> 0.329; the bounds leave room for other BLAS builds.
+    assert restored["psnr"] >= blurry["psnr"] + 1.2
+    assert restored["ssim"] > blurry["ssim"] + 0.1
+    assert restored["lpips"] < blurry["lpips"] - 0.02
+    if restored.get("identity") is not None:
+        assert restored["identity"] < blurry["identity"]
+
+    # `deblur` uses the same model when no --checkpoint is given (cfmd only).
+    face = REPO_ROOT / "facedeblur_ext" / "assets" / "faces" / "realblur_shen_1.png"
+    assert cli.main(["deblur", str(face), "-o", str(tmp_path / "one"), "--frames", "1",
+                     "--device", "cpu"]) == 0
+    assert (tmp_path / "one" / "realblur_shen_1.png").is_file()
+    with pytest.raises(SystemExit, match="only cfmd has a bundled default"):
+        cli.main(["deblur", str(face), "-o", str(tmp_path / "two"), "--model", "snadnet"])
+
+
 def test_demo_without_the_default_checkpoint_says_so(tmp_path, monkeypatch):
     from facedeblur_ext.commands import demo
 

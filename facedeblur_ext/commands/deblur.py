@@ -32,7 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="an image file or a folder of images")
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--model", choices=MODELS, default="cfmd", help="model family")
-    parser.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint (.pt) from `facedeblur train` or `facedeblur export`; "
+                             "default for --model cfmd: the bundled cfmd_default.pt")
     parser.add_argument("--frames", type=int, default=7,
                         help="cfmd: moments to restore (u evenly in [0, 1]; 1 gives u = 0.5)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -115,6 +117,15 @@ def run(args: argparse.Namespace) -> int:
                           else ("cpu" if args.device == "auto" else args.device))
     out_dir = Path(args.output)
     inputs = list_inputs(Path(args.input))
+    if args.checkpoint is None:
+        if args.model != "cfmd":
+            raise SystemExit(f"--model {args.model} needs --checkpoint (only cfmd has a "
+                             "bundled default)")
+        from facedeblur_ext.commands.demo import DEFAULT_CHECKPOINT
+
+        args.checkpoint = str(DEFAULT_CHECKPOINT)
+    if not Path(args.checkpoint).is_file():
+        raise SystemExit(f"checkpoint {args.checkpoint} does not exist")
     if args.full_photo:
         from facedeblur_ext.commands import deblur_full_photo
 

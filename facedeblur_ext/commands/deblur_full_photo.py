@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="inputs are whole photos: detect the faces, deblur each crop and "
                             "paste it back with a feathered mask (cfmd: u = 0.5)")
     group.add_argument("--face-size", type=int, default=None,
-                       help="model working size for face crops (default: the checkpoint's "
-                            "training crop, else 256)")
+                       help="model working size for face crops (default: the size the "
+                            "checkpoint was validated or trained at, else 256)")
     group.add_argument("--face-margin", type=float, default=DEFAULT_FACE_MARGIN,
                        help="crop side over the face box side (default %(default)s)")
     group.add_argument("--feather", type=float, default=DEFAULT_FEATHER,

@@ -95,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"checkpoint {checkpoint} does not exist")
         raise SystemExit(
             f"the default checkpoint {DEFAULT_CHECKPOINT} is not part of this installation "
-            "(the default CFMD-GAN model has not been trained and added yet). Pass "
-            "--checkpoint PATH with a checkpoint written by `facedeblur train cfmd`.")
+            "(it ships in the repository and the package data; reinstall, or check out the "
+            "file). Or pass --checkpoint PATH with a checkpoint written by "
+            "`facedeblur train cfmd`.")
     if args.faces < 1 or args.frames < 1:
         raise SystemExit("--faces and --frames must be at least 1")
     paths = bundled_sharp_faces()[: args.faces]
