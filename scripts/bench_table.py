@@ -301,6 +301,8 @@ def detect(data, path: Path) -> tuple[str, Callable] | None:
         return None
     if "measurement" in data and "benchmark" not in data:
         return "measurement", None  # e.g. a training curve: no op against a reference
+    if set(data) == {"meta", "results"} and "command" in data["meta"]:
+        return "evaluation", None  # `facedeblur eval` tables: quality, not speed
     if "benchmarks" in data and "machine_info" in data:
         return "pytest-benchmark", _pytest_benchmark
     bench = str(data.get("benchmark", ""))
@@ -349,7 +351,8 @@ def collect(results_dir: Path) -> tuple[list[Row], list[str], list[str]]:
             continue
         family, adapter = found
         if adapter is None:
-            skipped.append(f"{rel}: a measurement ({data['measurement']}), not a comparison")
+            what = data.get("measurement") or f"facedeblur eval: {data['meta']['command']}"
+            skipped.append(f"{rel}: a measurement ({what}), not a comparison")
             continue
         produced = adapter(data, path)
         if produced:
