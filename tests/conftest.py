@@ -36,6 +36,18 @@ def device_params(*, cuda: bool = True):
     return params
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test (restored after): the networks in the training
+    and evaluation tests are tiny, and on the shared 2-core machine extra threads only add
+    OpenMP spin-waiting (10-100x slower) and make CPU results run-order dependent. Modules opt
+    in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -36,12 +36,7 @@ FACES = REPO_ROOT / "facedeblur_ext" / "assets" / "faces"
 CONFIGS = REPO_ROOT / "tests" / "configs"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny networks; see test_snadnet.py
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

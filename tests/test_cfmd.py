@@ -61,14 +61,7 @@ TINY_G = dict(widths=(8, 16, 32), blocks_per_stage=1, control_channels=16,
 TINY_D = dict(base_channels=8, channel_multipliers=(1, 2, 4))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machine's cores are shared; one thread avoids oversubscription stalls and keeps
-    # CPU results bitwise reproducible between the runs compared below.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(tmp_path, *overrides):

@@ -38,13 +38,7 @@ TINY_G = dict(widths=(8, 16, 32), blocks_per_stage=1, control_channels=16,
               attention_reduction=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Shared, loaded test machine: one thread avoids oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

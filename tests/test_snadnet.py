@@ -65,14 +65,7 @@ def small_generator(**kw) -> SNADNetGenerator:
     return SNADNetGenerator(**args)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These networks are tiny: intra-op threads only add overhead (and, on a loaded machine,
-    OpenMP spin-waiting made them 100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,7 @@ BACKEND = ("facedeblur_ext.ops" if hasattr(facedeblur_ext.ops, "separable_norm")
            else "facedeblur_ref")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny networks on a shared machine: one thread avoids OpenMP spin-waiting (10x slower
-    # otherwise). The tiny config sets train.num_threads=1 too; restore the default after.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
