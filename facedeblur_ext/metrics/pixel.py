@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "as_image_batch",
+    "as_image_pair",
     "l1_percent",
     "psnr",
     "rgb_to_y_bt601",
@@ -81,8 +82,10 @@ def as_image_batch(images: torch.Tensor | np.ndarray, *, name: str = "images") -
     return images
 
 
-def _pair(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def as_image_pair(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two image batches of a full-reference metric, checked: same shape, not empty, same
+    device (each converted by :func:`as_image_batch`)."""
     x = as_image_batch(x, name="x")
     y = as_image_batch(y, name="y")
     if x.shape != y.shape:
@@ -121,7 +124,7 @@ _CPU_CHUNK_ELEMENTS = 1 << 20
 def _prepared_chunks(x, y, y_channel: bool, data_range: float, buffers_per_pixel: int,
                      exact: bool = True):
     """Yield (x, y) chunks of the batch (luma when ``y_channel``), float64 when ``exact``."""
-    x, y = _pair(x, y)
+    x, y = as_image_pair(x, y)
     if exact:
         # float64 so that E[x^2] - E[x]^2 in SSIM keeps its precision.
         dtype = torch.float64
