@@ -242,9 +242,9 @@ def test_demo_with_a_tiny_checkpoint(tmp_path, tiny_checkpoint, capsys):
 def test_demo_with_the_default_checkpoint_restores_the_bundled_faces(tmp_path, capsys):
     """The shipped model (facedeblur_ext/assets/checkpoints/README.md) on the demo's seeded
     trajectory blur: clearly sharper than the input by every full-reference metric."""
-    from facedeblur_ext.commands.demo import DEFAULT_CHECKPOINT
+    from facedeblur_ext.commands import BUNDLED_CHECKPOINTS
 
-    assert DEFAULT_CHECKPOINT.is_file(), "the default checkpoint must ship with the package"
+    assert BUNDLED_CHECKPOINTS["cfmd"].is_file(), "the default checkpoint must ship with it"
     out = tmp_path / "demo"
     assert cli.main(["demo", "-o", str(out), "--frames", "3", "--device", "cpu"]) == 0
     payload = json.loads((out / "metrics.json").read_text())
@@ -265,12 +265,14 @@ def test_demo_with_the_default_checkpoint_restores_the_bundled_faces(tmp_path, c
     assert (tmp_path / "one" / "realblur_shen_1.png").is_file()
     with pytest.raises(SystemExit, match="only cfmd has a bundled default"):
         cli.main(["deblur", str(face), "-o", str(tmp_path / "two"), "--model", "snadnet"])
+    with pytest.raises(SystemExit, match="only cfmd has a bundled default"):
+        cli.main(["demo", "-o", str(tmp_path / "three"), "--model", "snadnet"])
 
 
 def test_demo_without_the_default_checkpoint_says_so(tmp_path, monkeypatch):
-    from facedeblur_ext.commands import demo
+    from facedeblur_ext import commands
 
-    monkeypatch.setattr(demo, "DEFAULT_CHECKPOINT", tmp_path / "cfmd_default.pt")
+    monkeypatch.setitem(commands.BUNDLED_CHECKPOINTS, "cfmd", tmp_path / "cfmd_default.pt")
     with pytest.raises(SystemExit, match="not part of this installation.*--checkpoint"):
         cli.main(["demo", "-o", str(tmp_path / "out")])
 

@@ -24,6 +24,8 @@ import argparse
 import os
 from pathlib import Path
 
+from facedeblur_ext.commands import checkpoint_to_run
+
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 MODELS = ("cfmd", "snadnet", "baseline_ae", "baseline_gan")
 
@@ -117,15 +119,7 @@ def run(args: argparse.Namespace) -> int:
                           else ("cpu" if args.device == "auto" else args.device))
     out_dir = Path(args.output)
     inputs = list_inputs(Path(args.input))
-    if args.checkpoint is None:
-        if args.model != "cfmd":
-            raise SystemExit(f"--model {args.model} needs --checkpoint (only cfmd has a "
-                             "bundled default)")
-        from facedeblur_ext.commands.demo import DEFAULT_CHECKPOINT
-
-        args.checkpoint = str(DEFAULT_CHECKPOINT)
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(f"checkpoint {args.checkpoint} does not exist")
+    args.checkpoint = str(checkpoint_to_run(args.model, args.checkpoint))
     if args.full_photo:
         from facedeblur_ext.commands import deblur_full_photo
 

@@ -20,16 +20,17 @@ import sys
 import time
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+from facedeblur_ext.commands import ASSETS, BUNDLED_CHECKPOINTS, checkpoint_to_run
+
 FACES_DIR = ASSETS / "faces"
-DEFAULT_CHECKPOINT = ASSETS / "checkpoints" / "cfmd_default.pt"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from facedeblur_ext.evaluation.methods import MODEL_FAMILIES
 
     parser.add_argument("--checkpoint", default=None,
-                        help=f"model checkpoint (default: the bundled {DEFAULT_CHECKPOINT.name})")
+                        help="model checkpoint (default for cfmd: the bundled "
+                             f"{BUNDLED_CHECKPOINTS['cfmd'].name})")
     parser.add_argument("--model", default="cfmd", choices=sorted(MODEL_FAMILIES),
                         help="model family of the checkpoint (default cfmd)")
     parser.add_argument("-o", "--output", default="demo_output", help="output folder")
@@ -89,15 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from facedeblur_ext.nn import BlurSynthesizer, resolve_backend
 
     started = time.perf_counter()
-    checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-    if not checkpoint.is_file():
-        if args.checkpoint:
-            raise SystemExit(f"checkpoint {checkpoint} does not exist")
-        raise SystemExit(
-            f"the default checkpoint {DEFAULT_CHECKPOINT} is not part of this installation "
-            "(it ships in the repository and the package data; reinstall, or check out the "
-            "file). Or pass --checkpoint PATH with a checkpoint written by "
-            "`facedeblur train cfmd`.")
+    checkpoint = checkpoint_to_run(args.model, args.checkpoint)
     if args.faces < 1 or args.frames < 1:
         raise SystemExit("--faces and --frames must be at least 1")
     paths = bundled_sharp_faces()[: args.faces]
