@@ -698,6 +698,20 @@ def test_cuda_blur_matches_cpu(dtype, border):
 
 
 @pytest.mark.cuda
+def test_cuda_blur_refuses_kernels_beyond_shared_memory():
+    # a 151 x 151 float64 halo tile needs (32 + 150)^2 * 8 = 265 KB, above every GPU's per-block
+    # limit (227 KB on H100): a clear error before launch, not "invalid argument"
+    x = torch.rand(1, 1, 160, 160, dtype=torch.float64, device="cuda")
+    k = torch.zeros(1, 1, 151, 151, dtype=torch.float64, device="cuda")
+    k[..., 75, 75] = 1
+    with pytest.raises(RuntimeError, match="bytes of shared memory per block"):
+        OP.blur_synthesize(x, k, None, None, None, None, None, False, "reflect")
+    with pytest.raises(RuntimeError, match="bytes of shared memory per block"):
+        OP.blur_synthesize_backward(x, x, k, None, None, None, "reflect",
+                                    [True, True, False, False])
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("border", BORDERS)
 def test_cuda_blur_backward_matches_cpu(border):
     x, k, weights, mask = _grad_inputs("cpu", True)

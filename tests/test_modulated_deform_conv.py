@@ -486,6 +486,22 @@ def test_cuda_tiles_and_deterministic_path(monkeypatch, tile_elements, determini
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("offset_groups", [1, 8])
+def test_cuda_many_small_images(offset_groups):
+    # one tile would hold every image; the launch grid's z extent (images x offset groups) is
+    # capped at 65535, so the tile must be split rather than refused
+    batch, channels = 70000 // offset_groups + 1, 8
+    x = torch.randn(batch, channels, 2, 2, device="cuda")
+    offset = torch.randn(batch, 2 * offset_groups * 9, 2, 2, device="cuda")
+    mask = torch.rand(batch, offset_groups * 9, 2, 2, device="cuda")
+    weight = torch.randn(4, channels, 3, 3, device="cuda")
+    got = modulated_deform_conv2d(x, offset, weight, padding=1, mask=mask)
+    want = modulated_deform_conv2d(x.cpu(), offset.cpu(), weight.cpu(), padding=1,
+                                   mask=mask.cpu())
+    torch.testing.assert_close(got.cpu(), want, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_types_accumulate_in_float32(dtype):
     case = Case(in_channels=16, out_channels=8, size=(12, 13), offset_groups=2)

@@ -1,6 +1,7 @@
 // ATen side of the CUDA blur ops: argument checks, device guard, outputs and scratch, then
 // the raw-pointer launchers of blur_kernels.cu on the current stream.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "common/blur_args.h"
@@ -46,6 +48,13 @@ const void* opt_ptr(const std::optional<at::Tensor>& t) {
 
 std::optional<at::Tensor> contig(const std::optional<at::Tensor>& t) {
   return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// The CPU ops raise on counts outside [1, T]; here the check stays on the device (a host check
+// would synchronize), and the kernels clamp meanwhile so that nothing reads out of bounds.
+void assert_counts_in_range(const at::Tensor& counts, int64_t T, const char* op) {
+  at::_assert_async(counts.ge(1).logical_and(counts.le(T)).all(),
+                    std::string(op) + ": counts must lie in [1, T]");
 }
 
 // Kernel sizes: the generators hold a K x K double accumulator in shared memory.
@@ -146,6 +155,17 @@ bc::BlurShape blur_shape(const at::Tensor& images, const at::Tensor& kernels, in
   return s;
 }
 
+// The tile kernels stage a halo of the image in shared memory and have no fallback, so kernels
+// too large for the device's per-block limit are refused with a clear message before launch.
+void check_tile_fits(const bc::BlurShape& s, bc::Dtype dtype, const char* op) {
+  const size_t need = bc::blur_tile_smem_bytes(s, dtype);
+  size_t limit = 0;
+  check_launch(bc::device_smem_limit(&limit), op);
+  TORCH_CHECK(need <= limit, op, ": a ", s.Kh, "x", s.Kw, " kernel needs ", need,
+              " bytes of shared memory per block on CUDA, above this device's limit of ", limit,
+              "; use smaller kernels, float32 instead of float64, or the CPU");
+}
+
 at::Tensor tap_scratch(const bc::BlurShape& s, const at::Tensor& like) {
   const size_t bytes = bc::blur_tap_bytes(s, like.scalar_type() == at::kDouble);
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
@@ -169,6 +189,7 @@ at::Tensor blur_synthesize_cuda(const at::Tensor& images_in, const at::Tensor& k
              noise_sigma = contig(noise_sigma_in);
   at::Tensor out = at::empty_like(images, at::MemoryFormat::Contiguous);
   const bc::BlurShape s = blur_shape(images, kernels, border);
+  check_tile_fits(s, to_dtype(images.scalar_type()), op);
   at::Tensor taps = tap_scratch(s, kernels);
   at::Tensor counts = at::empty({s.N * s.R}, images.options().dtype(at::kInt));
   bc::BlurForwardArgs a{};
@@ -207,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blur_synthesize_backw
                    kernels = kernels_in.contiguous();
   const auto weights = contig(weights_in), mask = contig(mask_in);
   const bc::BlurShape s = blur_shape(images, kernels, border);
+  check_tile_fits(s, to_dtype(images.scalar_type()), op);
   const auto opts = kernels.options();
   const at::Tensor none = at::empty({0}, opts);
   at::Tensor grad_images = need[0] ? at::empty_like(images) : at::empty({0}, images.options());
@@ -252,6 +274,7 @@ at::Tensor average_frames_cuda(const at::Tensor& frames_in, const at::Tensor& co
   const at::Tensor frames = frames_in.contiguous(), counts = counts_in.contiguous();
   const int64_t N = frames.size(0), T = frames.size(1);
   const int64_t P = frames.size(2) * frames.size(3) * frames.size(4);
+  assert_counts_in_range(counts, T, op);
   at::Tensor out = at::empty({N, frames.size(2), frames.size(3), frames.size(4)}, frames.options());
   check_launch(bc::launch_average_frames(frames.data_ptr(), counts.data_ptr<int64_t>(), N, T, P,
                                          to_dtype(frames.scalar_type()), crf_gamma.has_value(),
@@ -276,6 +299,7 @@ at::Tensor average_frames_backward_cuda(const at::Tensor& grad_in, const at::Ten
   const int64_t P = frames.size(2) * frames.size(3) * frames.size(4);
   TORCH_CHECK(grad.numel() == N * P && grad.scalar_type() == frames.scalar_type(), op,
               ": grad must have shape [N, C, H, W] and the dtype of frames");
+  assert_counts_in_range(counts, T, op);
   at::Tensor out = at::empty_like(frames);
   check_launch(bc::launch_average_frames_backward(
                    grad.data_ptr(), frames.data_ptr(), counts.data_ptr<int64_t>(), N, T, P,

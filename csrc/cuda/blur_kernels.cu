@@ -870,6 +870,20 @@ size_t blur_tap_bytes(const BlurShape& s, bool is_double) {
   return taps * (is_double ? sizeof(Tap<double>) : sizeof(Tap<float>));
 }
 
+size_t blur_tile_smem_bytes(const BlurShape& s, Dtype dtype) {
+  return tile_smem(s, dtype == Dtype::kDouble ? sizeof(double) : sizeof(float),
+                   dtype == Dtype::kUInt8);
+}
+
+cudaError_t device_smem_limit(size_t* bytes) {
+  int device = 0, limit = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  *bytes = static_cast<size_t>(limit);
+  return err;
+}
+
 cudaError_t launch_blur_forward(const BlurShape& s, const BlurForwardArgs& a,
                                 cudaStream_t stream) {
   switch (a.dtype) {

@@ -37,6 +37,12 @@ struct BlurShape {
 // Bytes of tap scratch for compacted kernels (N * R * Kh * Kw taps); counts need N * R ints.
 size_t blur_tap_bytes(const BlurShape& s, bool is_double);
 
+// Bytes of dynamic shared memory per block of the blur tile kernels: the (32 + Kh - 1) x
+// (32 + Kw - 1) halo in the compute dtype, plus a 256-entry table for uint8 images.
+size_t blur_tile_smem_bytes(const BlurShape& s, Dtype dtype);
+// The current device's opt-in limit of dynamic shared memory per block, in bytes.
+cudaError_t device_smem_limit(size_t* bytes);
+
 struct BlurForwardArgs {
   const void* images;       // [N, C, H, W] of dtype
   void* out;                // [N, C, H, W] of dtype

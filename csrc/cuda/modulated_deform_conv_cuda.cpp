@@ -77,6 +77,9 @@ kernels::MdcInputs to_inputs(const at::Tensor& x, const at::Tensor& offset,
   return in;
 }
 
+// CUDA's limit on gridDim.y and gridDim.z.
+constexpr int64_t kMaxGridYZ = 65535;
+
 // Images per tile and pixels per tile (of each image).
 struct TilePlan {
   int64_t images, pixels;
@@ -94,8 +97,13 @@ TilePlan plan_tiles(const DeformConvGeometry& g) {
   }
   TORCH_CHECK(g.height * g.width < (int64_t{1} << 31), kOp,
               ": input images of more than 2^31 pixels are not supported on CUDA");
-  TORCH_CHECK(plan.images * g.offset_groups <= 65535, kOp,
-              ": too many offset groups for the CUDA launch grid (", g.offset_groups, ")");
+  // gridDim.y is the tap and gridDim.z is (image, offset group) in sample_grid; both are capped
+  // at 65535, so a tile holds at most 65535 / offset_groups images.
+  TORCH_CHECK(g.offset_groups <= kMaxGridYZ, kOp, ": more than ", kMaxGridYZ,
+              " offset groups are not supported on CUDA (got ", g.offset_groups, ")");
+  TORCH_CHECK(g.taps() <= kMaxGridYZ, kOp, ": kernels of more than ", kMaxGridYZ,
+              " taps are not supported on CUDA (got ", g.taps(), ")");
+  plan.images = std::min(plan.images, kMaxGridYZ / g.offset_groups);
   return plan;
 }
 
