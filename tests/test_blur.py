@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import facedeblur_ref as ref
 import numpy as np
@@ -107,6 +108,40 @@ def test_motion_kernels_are_sparse():
     taps = (k > 0).sum(dim=(1, 2)).float()
     # a stroke two to three pixels wide: under 10% of the 961 taps
     assert taps.max() <= 3 * 31 and taps.mean() < 0.06 * 31 * 31
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_huge_motion_lengths_are_fast_and_give_the_cropped_line(device):
+    # A line longer than the kernel is cropped: the rasterizer walks only the part that can
+    # reach a tap (uncropped, length 1e9 took about half a minute per kernel).
+    size, angles = 15, [0.0, 30.0, 45.0, 123.4, -100.0]
+    spanning = (size + 1) * math.sqrt(2) + 1  # past the kernel box and its 1-pixel margin
+    want = ops.motion_kernels(spanning, angles, size, dtype=torch.float64)
+    torch.testing.assert_close(want, ref.motion_kernels(spanning, angles, size,
+                                                        dtype=torch.float64), rtol=0, atol=1e-12)
+    ops.motion_kernels(1.0, 0.0, size, device=device)  # device warm-up, not timed
+    start = time.perf_counter()
+    huge = ops.motion_kernels(1e9, angles, size, device=device, dtype=torch.float64)
+    assert time.perf_counter() - start < 1.0
+    torch.testing.assert_close(huge.cpu(), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ops.motion_kernels(1e300, angles, size, dtype=torch.float64),
+                               want, rtol=0, atol=1e-12)
+
+
+def test_kernel_generators_are_not_differentiable():
+    # a parameter that requires grad is fine in the forward; a gradient through it raises
+    # instead of coming back as None with only a warning
+    generators = {
+        "motion_kernels": lambda p: ops.motion_kernels(p, 30.0, 7),
+        "gaussian_kernels": lambda p: ops.gaussian_kernels(p, 7),
+        "defocus_kernels": lambda p: ops.defocus_kernels(p, 7),
+        "trajectory_kernels": lambda p: ops.trajectory_kernels(1, 7, max_length=p, num_steps=20),
+    }
+    for name, make in generators.items():
+        param = torch.tensor([1.5], requires_grad=True)
+        kernels = make(param)
+        with pytest.raises(RuntimeError, match=f"{name} is not differentiable"):
+            kernels.sum().backward()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -257,6 +292,15 @@ def test_generator_argument_errors():
         ops.trajectory_kernels(2, 9, centering="middle")
     with pytest.raises(ValueError, match=r"anxiety range must have low <= high"):
         ops.trajectory_kernels(2, 9, anxiety=(0.1, 0.0))
+    # tensors get the bounds numbers get; the exposure excludes 0
+    with pytest.raises(ValueError, match=r"exposure must lie in \(0.0, 1.0\]"):
+        ops.trajectory_kernels(2, 9, exposure=torch.tensor([0.5, 2.0]))
+    with pytest.raises(ValueError, match=r"exposure must lie in \(0.0, 1.0\]"):
+        ops.trajectory_kernels(2, 9, exposure=0.0)
+    with pytest.raises(ValueError, match="anxiety must be >= 0.0"):
+        ops.trajectory_kernels(2, 9, anxiety=torch.tensor([-5.0]))
+    with pytest.raises(ValueError, match="max_length must be >= 0.0"):
+        ops.trajectory_kernels(2, 9, max_length=float("nan"))
 
 
 # --------------------------------------------------------------------------------------
@@ -434,6 +478,25 @@ def test_gradients_match_reference_autograd(device):
     assert gk.shape == k.shape
 
 
+def test_double_backward_raises():
+    x, k, weights, mask = _grad_inputs("cpu", 2.2)
+    frames = (0.2 + 0.8 * torch.rand(2, 4, 2, 3, 5, dtype=torch.float64)).requires_grad_()
+    for name, fn, inputs in [
+        ("blur_synthesize", lambda x, k, w, m: ops.blur_synthesize(x, k, mask=m, crf_gamma=2.2,
+                                                                   weights=w),
+         (x, k, weights, mask)),
+        ("average_frames", lambda f: ops.average_frames(f, 2.2, [4, 2]), (frames,)),
+    ]:
+        # first-order gradients taken with create_graph=True are still right...
+        grads = torch.autograd.grad(fn(*inputs).pow(2).sum(), inputs, create_graph=True)
+        want = torch.autograd.grad(fn(*inputs).pow(2).sum(), inputs)
+        for a, b in zip(grads, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # ...but differentiating them raises instead of treating the second order as zero
+        with pytest.raises(RuntimeError, match=f"{name}: double backward is not supported"):
+            torch.autograd.grad(sum(g.pow(2).sum() for g in grads), inputs)
+
+
 def test_opcheck():
     x, k, weights, mask = _grad_inputs("cpu", True)
     cases = [
@@ -470,6 +533,40 @@ def test_torch_compile_fullgraph():
                                                                           crf_gamma=2.2))
 
 
+def test_value_checks_do_not_break_torch_compile():
+    # The wrappers check tensor values only eagerly: a traced graph cannot branch on data.
+    x = _images(2, 3, 8, 8, torch.float32, "cpu")
+    k = _unit_kernels(2, 3, 3, "cpu")
+    frames = torch.rand(2, 4, 3, 5, 5)
+    values = torch.tensor([1.0, 2.0])
+    cases = [
+        (lambda f: ops.average_frames(f, counts=2), (frames,)),
+        (lambda f, c: ops.average_frames(f, counts=c), (frames, torch.tensor([4, 2]))),
+        (lambda s: ops.gaussian_kernels(s, 7), (values,)),
+        (lambda length: ops.motion_kernels(length, 30.0, 7), (values,)),
+        (lambda r: ops.defocus_kernels(r, 7), (values,)),
+        # noise of sigma 0 (still the noise path): the plain blur
+        (lambda x, k, s: ops.blur_synthesize(x, k, noise_sigma=s), (x, k, torch.zeros(2))),
+    ]
+    for fn, args in cases:
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(*args), fn(*args))
+    walk = torch.compile(lambda e: ops.trajectory_kernels(2, 9, exposure=e, num_steps=50),
+                         fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(walk(torch.tensor([0.5, 1.0])).sum(dim=(1, 2)), torch.ones(2))
+
+
+def test_value_checks_do_not_break_torch_export():
+    class Generate(torch.nn.Module):
+        def forward(self, sigma, frames, counts):
+            return ops.gaussian_kernels(sigma, 7), ops.average_frames(frames, counts=counts)
+
+    args = (torch.tensor([1.0, 2.0]), torch.rand(2, 4, 3, 5, 5), torch.tensor([4, 2]))
+    exported = torch.export.export(Generate(), args)
+    for got, want in zip(exported.module()(*args), Generate()(*args)):
+        torch.testing.assert_close(got, want)
+
+
 def test_blur_argument_errors():
     x = torch.rand(2, 3, 8, 8)
     k = _unit_kernels(2, 3, 3, "cpu")
@@ -497,6 +594,8 @@ def test_blur_argument_errors():
         ops.blur_synthesize(x, k, noise_sigma=[0.1, 0.1, 0.1])
     with pytest.raises(TypeError, match="kernels must be floating"):
         ops.blur_synthesize(x, k.to(torch.int64))
+    with pytest.raises(ValueError, match=r"kernel 0 must be \[kh, kw\] or \[R, kh, kw\]"):
+        ops.pad_kernels([torch.rand(3)])
     with pytest.raises(RuntimeError, match="differentiable only"):
         ops.blur_synthesize(x.requires_grad_(), k, noise_sigma=0.1)
     with pytest.raises(RuntimeError, match="border must be one of"):
@@ -543,6 +642,11 @@ def test_average_frames_errors():
         ops.average_frames(frames[0])
     with pytest.raises(TypeError, match="counts must be integer"):
         ops.average_frames(frames, counts=torch.tensor([1.0, 2.0]))
+    for counts in (2.0, True, [1, 2.5]):
+        with pytest.raises(TypeError, match="counts must be integer"):
+            ops.average_frames(frames, counts=counts)
+    torch.testing.assert_close(ops.average_frames(frames, counts=np.int64(2)),
+                               ops.average_frames(frames, counts=2))
 
 
 # --------------------------------------------------------------------------------------

@@ -297,6 +297,23 @@ def test_backward_op_skips_unrequested_gradients():
                 assert part[j].numel() == 0
 
 
+def test_double_backward_raises():
+    case = Case(batch=1, in_channels=2, out_channels=2, size=(5, 5))
+    inputs = [t for t in case.tensors() if t is not None]
+
+    def loss():
+        return case.call(modulated_deform_conv2d, *inputs).pow(2).sum()
+
+    # first-order gradients taken with create_graph=True are still right...
+    grads = torch.autograd.grad(loss(), inputs, create_graph=True)
+    for a, b in zip(grads, torch.autograd.grad(loss(), inputs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # ...but differentiating them (a gradient penalty) raises instead of giving zeros
+    with pytest.raises(RuntimeError,
+                       match="modulated_deform_conv2d: double backward is not supported"):
+        torch.autograd.grad(grads[0].pow(2).sum(), inputs[0])
+
+
 def test_torch_compile_fullgraph():
     case = Case(in_channels=4)
     x, offset, weight, bias, mask = case.tensors(dtype=torch.float32)
@@ -378,6 +395,13 @@ def _valid_args():
     (lambda a: {**a, "mask": a["mask"].tolist()}, TypeError, "mask must be a Tensor"),
     (lambda a: {**a, "stride": 0}, ValueError, "stride >= 1"),
     (lambda a: {**a, "padding": (1, 1, 1)}, ValueError, "padding must be an int or a pair"),
+    (lambda a: {**a, "stride": 1.5}, TypeError, "stride must be an int or a pair of ints"),
+    (lambda a: {**a, "dilation": (1, 2.0)}, TypeError, "dilation must be an int or a pair"),
+    (lambda a: {**a, "padding": True}, TypeError, "padding must be an int or a pair"),
+    (lambda a: {**a, "input": a["input"][:, :0], "weight": a["weight"][:, :1]}, ValueError,
+     "input must have at least one channel"),
+    (lambda a: {**a, "weight": a["weight"][:0], "bias": None}, ValueError,
+     "weight must have at least one output channel"),
 ])
 def test_clear_errors(mutate, error, match):
     x, offset, weight, bias, mask = _valid_args()
@@ -448,6 +472,10 @@ def test_conditioned_layer_defaults_and_serialization():
     torch.testing.assert_close(restored(x), layer(x))
     with pytest.raises(ValueError, match="offset_groups"):
         ConditionedDeformConv2d(6, 4, offset_groups=4)
+    with pytest.raises(TypeError, match="stride must be an int or a pair of ints"):
+        ModulatedDeformConv2d(4, 4, stride=1.5)
+    with pytest.raises(TypeError, match="kernel_size must be an int or a pair of ints"):
+        ConditionedDeformConv2d(4, 4, kernel_size=(3, 3.0))
     # The backend is resolved at call time (a model may be built before the op is loaded).
     no_op_layer = ModulatedDeformConv2d(4, 4, backend=object())
     with pytest.raises(RuntimeError, match="provides no modulated_deform_conv2d"):

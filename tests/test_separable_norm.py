@@ -214,6 +214,22 @@ def test_backward_op_computes_only_requested_outputs():
     torch.testing.assert_close(res[3], g.sum(dim=(0, 2, 3)).view(2, 1, 1))
 
 
+def test_double_backward_raises():
+    x = features(1, 2, 5, 5).requires_grad_()
+    masks = soft_masks(1, 2, 5, 5).requires_grad_()
+    gamma = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    inputs = (x, masks, gamma)
+    # first-order gradients taken with create_graph=True are still right...
+    grads = torch.autograd.grad(ops.separable_norm(*inputs).pow(3).sum(), inputs,
+                                create_graph=True)
+    want = torch.autograd.grad(ops.separable_norm(*inputs).pow(3).sum(), inputs)
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # ...but differentiating them raises instead of treating the second order as zero
+    with pytest.raises(RuntimeError, match="separable_norm: double backward is not supported"):
+        torch.autograd.grad(grads[0].pow(2).sum(), x)
+
+
 # --------------------------------------------------------------------------------------------
 # Layouts
 
@@ -330,6 +346,10 @@ def test_clear_errors():
         ops.separable_norm(x, m, None, torch.ones(2, 3, 4, 4, 1))
     with pytest.raises(ValueError, match="eps"):
         ops.separable_norm(x, m, eps=-1.0)
+    with pytest.raises(TypeError, match="gamma must be a floating-point tensor or None"):
+        ops.separable_norm(x, m, 2.0)
+    with pytest.raises(TypeError, match="beta must be a floating-point tensor or None"):
+        ops.separable_norm(x, m, None, [0.0, 1.0, 2.0])
     with pytest.raises(ValueError, match="empty"):
         ops.separable_norm(x[:, :, :0], m[:, :, :0])
     # The op itself names the argument when called directly.
@@ -447,6 +467,12 @@ def test_snad_layer_regions_follow_the_paper():
     torch.testing.assert_close(out, want, **TOL[torch.float32])
     with pytest.raises(ValueError, match="outside"):
         SNADLayer(3, 4, regions=[[4]])
+    # label maps are one-hot encoded in the layer's dtype, e.g. after .double()
+    layer64 = copy.deepcopy(layer).double()
+    out64 = layer64(x.double(), labels)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64, layer64(x.double(), ops.labels_to_masks(labels, 4,
+                                                                              torch.float64)))
     with pytest.raises(ValueError, match="parsing map"):
         layer(x, torch.rand(1, 3, 2, 2))
 

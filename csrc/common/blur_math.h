@@ -88,7 +88,8 @@ FD_HD void splat_point(acc_t* acc, int K, double x, double y, double weight) {
 // points, so a path is always a connected, anti-aliased stroke whatever its sampling.
 // The segment is cut where x or y crosses an integer; inside a piece the point stays in one
 // pixel cell and each of the four weights is a quadratic in s, which Simpson's rule
-// integrates exactly. Pieces outside the kernel are dropped.
+// integrates exactly. Pieces outside the kernel are dropped, but each costs a step: callers
+// crop long segments first (rasterize_motion does).
 template <typename acc_t>
 FD_HD void splat_segment(acc_t* acc, int K, double ax, double ay, double bx, double by,
                          double weight) {
@@ -146,7 +147,11 @@ FD_HD void rasterize_motion(acc_t* acc, int K, double length, double angle_deg) 
   }
   double s, co;
   sincos_deg(angle_deg, &s, &co);
-  const double hx = 0.5 * length * co, hy = -0.5 * length * s;
+  // Beyond sqrt(2) (c + 1) from the centre a point is outside [-1, K]^2 and reaches no tap:
+  // a longer segment gives the same kernel once normalized, and capping its half-length
+  // keeps the centre's precision in the endpoints of a huge one.
+  const double half = fmin(0.5 * length, 1.5 * (c + 1.0));
+  const double hx = half * co, hy = -half * s;
   splat_segment(acc, K, c - hx, c - hy, c + hx, c + hy, 1.0);
 }
 

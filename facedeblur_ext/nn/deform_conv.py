@@ -7,15 +7,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..ops.modulated_deform_conv import int_pair
 from .backend import BackendRef, resolve_backend
 
 __all__ = ["ModulatedDeformConv2d", "ConditionedDeformConv2d"]
-
-
-def _pair(value) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
 
 
 class ModulatedDeformConv2d(nn.Module):
@@ -46,10 +41,10 @@ class ModulatedDeformConv2d(nn.Module):
                              f"must be divisible by groups ({groups})")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.padding = _pair(padding)
-        self.dilation = _pair(dilation)
+        self.kernel_size = int_pair(kernel_size, "kernel_size")
+        self.stride = int_pair(stride, "stride")
+        self.padding = int_pair(padding, "padding")
+        self.dilation = int_pair(dilation, "dilation")
         self.groups = groups
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
@@ -115,8 +110,8 @@ class ConditionedDeformConv2d(nn.Module):
                  bias: bool = True, condition_channels: int | None = None,
                  modulated: bool = True, backend=None, device=None, dtype=None):
         super().__init__()
-        kernel = _pair(kernel_size)
-        dil = _pair(dilation)
+        kernel = int_pair(kernel_size, "kernel_size")
+        dil = int_pair(dilation, "dilation")
         if padding is None:
             padding = (dil[0] * (kernel[0] - 1) // 2, dil[1] * (kernel[1] - 1) // 2)
         if offset_groups < 1 or in_channels % offset_groups != 0:

@@ -164,7 +164,9 @@ class SNADLayer(nn.Module):
         if not parsing.is_floating_point():
             from ..ops.separable_norm import labels_to_masks
 
-            parsing = labels_to_masks(parsing, self.parsing_channels)
+            # one-hot in the dtype of the convolutions that read it (float64 after .double())
+            parsing = labels_to_masks(parsing, self.parsing_channels,
+                                      dtype=self.conv2.weight.dtype)
         if parsing.dim() != 4 or parsing.shape[1] != self.parsing_channels:
             raise ValueError(f"SNADLayer: expected a parsing map [N, {self.parsing_channels}, H, "
                              f"W], got {tuple(parsing.shape)}")

@@ -9,7 +9,8 @@ Kernel generators return ``[N, K, K]`` non-negative kernels with unit sum. Geome
 shapes are centred on ``((K - 1) / 2, (K - 1) / 2)``, the pixel that ``blur_synthesize``
 treats as the origin for odd ``K`` (for even ``K`` the origin is pixel ``(K - 1) // 2``, half
 a pixel up-left of the shape's centre). Angles are in degrees, counter-clockwise as seen on
-screen.
+screen. The generators are not differentiable: propagating a gradient through one to a
+parameter tensor that requires grad raises a ``RuntimeError``.
 
 Randomness is always drawn with torch from the caller's ``generator`` on the target device
 and handed to the native ops, which are deterministic: the same seed gives the same kernels
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._autograd import register_no_derivative
 from ._selfcheck import register_self_check
 
 __all__ = [
@@ -118,9 +120,20 @@ def _check_kernel_dtype(dtype: torch.dtype) -> None:
         raise TypeError(f"dtype must be a floating dtype, got {dtype}")
 
 
+def _values_checkable(values: Tensor) -> bool:
+    """Whether a check of tensor values may run here: only eagerly (a traced graph cannot
+    branch on data) and on the CPU (on a GPU the check would synchronize the stream).
+
+    Where it does not run, only ``average_frames``' counts are still checked (by its native
+    op); the other native ops take what they get: a negative length, sigma or radius gives a
+    point kernel, a negative noise sigma acts as its magnitude.
+    """
+    return (not torch.compiler.is_compiling() and values.device.type == "cpu"
+            and values.numel() > 0)
+
+
 def _check_nonnegative(values: Tensor, name: str) -> None:
-    # Checked only on the CPU: on a GPU the check would synchronize the stream.
-    if values.device.type == "cpu" and values.numel() and not bool((values >= 0).all()):
+    if _values_checkable(values) and not bool((values >= 0).all()):
         raise ValueError(f"{name} must be non-negative")
 
 
@@ -218,12 +231,28 @@ def defocus_kernels(
     return _OPS.defocus_kernels(radii, size, dtype)
 
 
-def _param_column(spec, uniform: Tensor, n: int, name: str, lo_ok: float, hi_ok: float | None):
-    """A per-kernel parameter from a fixed value, a (low, high) range or N values."""
+def _param_column(spec, uniform: Tensor, n: int, name: str, low: float,
+                  high: float | None = None, low_open: bool = False):
+    """A per-kernel parameter from a fixed value, a (low, high) range or N values, each of
+    which must lie between ``low`` (excluded when ``low_open``) and ``high`` (included)."""
+
+    def inside(v):  # a float or, elementwise, a tensor; NaN is outside
+        above = v > low if low_open else v >= low
+        return above if high is None else above & (v <= high)
+
+    def outside_error():
+        if high is None:
+            bound = f"be {'>' if low_open else '>='} {low}"
+        else:
+            bound = f"lie in {'(' if low_open else '['}{low}, {high}]"
+        return ValueError(f"{name} must {bound}, got {spec}")
+
     if isinstance(spec, Tensor):
         values = spec.reshape(-1).to(device=uniform.device, dtype=torch.float64)
         if values.numel() not in (1, n):
             raise ValueError(f"{name} must have 1 or {n} values, got {values.numel()}")
+        if _values_checkable(values) and not bool(inside(values).all()):
+            raise outside_error()
         return values.expand(n)
     if isinstance(spec, (tuple, list)):
         if len(spec) != 2:
@@ -233,9 +262,8 @@ def _param_column(spec, uniform: Tensor, n: int, name: str, lo_ok: float, hi_ok:
             raise ValueError(f"{name} range must have low <= high, got {spec}")
     else:
         lo = hi = float(spec)
-    if lo < lo_ok or (hi_ok is not None and hi > hi_ok):
-        bound = f"[{lo_ok}, {hi_ok}]" if hi_ok is not None else f">= {lo_ok}"
-        raise ValueError(f"{name} must lie in {bound}, got {spec}")
+    if not (inside(lo) and inside(hi)):
+        raise outside_error()
     return lo + (hi - lo) * uniform
 
 
@@ -273,14 +301,14 @@ def trajectory_random_inputs(
     u = torch.rand(n, 7, generator=generator, device=dev, dtype=torch.float64)
     params = torch.stack(
         [
-            _param_column(anxiety, u[:, 0], n, "anxiety", 0.0, None),
+            _param_column(anxiety, u[:, 0], n, "anxiety", 0.0),
             0.7 * u[:, 1],
             0.2 * u[:, 2],
             10.0 * u[:, 3],
             360.0 * u[:, 4],
             _param_column(float(size) if max_length is None else max_length, u[:, 5], n,
-                          "max_length", 0.0, None),
-            _param_column(exposure, u[:, 6], n, "exposure", 0.0, 1.0),
+                          "max_length", 0.0),
+            _param_column(exposure, u[:, 6], n, "exposure", 0.0, 1.0, low_open=True),
         ],
         dim=1,
     ).contiguous()
@@ -363,14 +391,15 @@ def pad_kernels(kernels: Sequence[Tensor], size: tuple[int, int] | None = None) 
     """
     if len(kernels) == 0:
         raise ValueError("pad_kernels: no kernels")
+    for i, k in enumerate(kernels):
+        if k.dim() not in (2, 3):
+            raise ValueError(f"kernel {i} must be [kh, kw] or [R, kh, kw], got shape "
+                             f"{tuple(k.shape)}")
     if size is None:
         size = (max(k.shape[-2] for k in kernels), max(k.shape[-1] for k in kernels))
     Kh, Kw = size
     out = []
     for i, k in enumerate(kernels):
-        if k.dim() not in (2, 3):
-            raise ValueError(f"kernel {i} must be [kh, kw] or [R, kh, kw], got shape "
-                             f"{tuple(k.shape)}")
         kh, kw = k.shape[-2:]
         if kh > Kh or kw > Kw:
             raise ValueError(f"kernel {i} of size {kh}x{kw} does not fit in {Kh}x{Kw}")
@@ -473,7 +502,8 @@ def blur_synthesize(
     cost a small fraction of their K*K box.
 
     Differentiable with respect to images, kernels, weights and mask when noise and
-    quantization are off (floating images).
+    quantization are off (floating images). Double backward is not supported: differentiating
+    the gradients (e.g. for a gradient penalty) raises a ``RuntimeError``.
 
     Args:
         images: [N, C, H, W] float in [0, 1] (float16, bfloat16, float32, float64) or uint8.
@@ -540,6 +570,7 @@ def average_frames(frames: Tensor, crf_gamma: float | None = 2.2,
     """Blur by frame averaging (paper 003 Eq. 5, GoPro/REDS): ``g(mean_t g^-1(frames_t))``.
 
     With ``g(v) = v ** (1 / crf_gamma)``: the frames are linearized, averaged and mapped back.
+    Differentiable with respect to floating frames; double backward raises a ``RuntimeError``.
 
     Args:
         frames: [N, T, C, H, W] consecutive sharp frames, float in [0, 1] or uint8.
@@ -555,18 +586,17 @@ def average_frames(frames: Tensor, crf_gamma: float | None = 2.2,
     if counts is None:
         counts = torch.full((n,), t, dtype=torch.int64, device=frames.device)
     else:
-        if isinstance(counts, Tensor):
-            if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
-                raise TypeError(f"counts must be integer, got {counts.dtype}")
-            counts = counts.reshape(-1).to(device=frames.device, dtype=torch.int64)
-        else:
-            values = [counts] if isinstance(counts, int) else list(counts)
-            counts = torch.tensor(values, dtype=torch.int64, device=frames.device)
+        if not isinstance(counts, Tensor):
+            counts = torch.tensor(counts)  # checked as a tensor below: 2.0 and True are no ints
+        if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+            raise TypeError(f"counts must be integer (an int, ints or an integer tensor), got "
+                            f"{counts.dtype}")
+        counts = counts.reshape(-1).to(device=frames.device, dtype=torch.int64)
         if counts.numel() not in (1, n):
             raise ValueError(f"counts must be one int or {n} ints, got {counts.numel()}")
         counts = counts.expand(n).contiguous()
-        # on CUDA the op itself asserts the range asynchronously (no host sync here)
-        if counts.device.type == "cpu" and not bool(((counts >= 1) & (counts <= t)).all()):
+        # on CUDA and when compiling only the op itself checks the range
+        if _values_checkable(counts) and not bool(((counts >= 1) & (counts <= t)).all()):
             raise ValueError(f"counts must lie in [1, {t}], got {counts.tolist()}")
     if crf_gamma is not None:
         crf_gamma = float(crf_gamma)
@@ -656,6 +686,8 @@ def _blur_backward(ctx, grad):
 
 torch.library.register_autograd("facedeblur_ext::blur_synthesize", _blur_backward,
                                 setup_context=_blur_setup_context)
+register_no_derivative("facedeblur_ext::blur_synthesize_backward",
+                       "blur_synthesize: double backward is not supported")
 
 
 def _frames_setup_context(ctx, inputs, output):
@@ -674,6 +706,11 @@ def _frames_backward(ctx, grad):
 
 torch.library.register_autograd("facedeblur_ext::average_frames", _frames_backward,
                                 setup_context=_frames_setup_context)
+register_no_derivative("facedeblur_ext::average_frames_backward",
+                       "average_frames: double backward is not supported")
+for _generator in ("motion_kernels", "gaussian_kernels", "defocus_kernels", "trajectory_kernels"):
+    register_no_derivative(f"facedeblur_ext::{_generator}",
+                           f"{_generator} is not differentiable: its parameters get no gradient")
 
 
 # --------------------------------------------------------------------------------------

@@ -10,9 +10,12 @@ kernels and autograd formula, so the op works under ``torch.compile(fullgraph=Tr
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
+from ._autograd import register_no_derivative
 from ._selfcheck import register_self_check
 
 __all__ = ["modulated_deform_conv2d"]
@@ -24,13 +27,20 @@ _CPU_DTYPES = (torch.float32, torch.float64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _pair(value, name: str) -> list[int]:
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"modulated_deform_conv2d: {name} must be an int or a pair, "
-                             f"got {value!r}")
-        return [int(value[0]), int(value[1])]
-    return [int(value), int(value)]
+def int_pair(value, name: str) -> tuple[int, int]:
+    """An (h, w) pair from an int or a pair of ints (also used by the ``nn`` layers).
+
+    Raises:
+        TypeError: a value that is not an integer (a float such as 1.5 is not truncated).
+        ValueError: a sequence that is not a pair.
+    """
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(values) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    # an int or another integer with __index__ (numpy ints), but not a bool
+    if any(isinstance(v, bool) or not hasattr(type(v), "__index__") for v in values):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return operator.index(values[0]), operator.index(values[1])
 
 
 def _prefers_channels_last(t: Tensor) -> bool:
@@ -77,6 +87,12 @@ def _check_args(input, offset, weight, bias, mask, stride, padding, dilation) ->
                          f"stride={stride}, padding={padding}, dilation={dilation}")
     n, c_in, h, w = input.shape
     c_out, c_per_group, kh, kw = weight.shape
+    if c_in < 1:
+        raise ValueError(f"{op}: input must have at least one channel, got shape "
+                         f"{tuple(input.shape)}")
+    if c_out < 1:
+        raise ValueError(f"{op}: weight must have at least one output channel (weight.shape[0]), "
+                         f"got shape {tuple(weight.shape)}")
     if c_per_group < 1 or kh < 1 or kw < 1 or c_in % c_per_group != 0:
         raise ValueError(f"{op}: weight of shape {tuple(weight.shape)} does not fit an input "
                          f"with {c_in} channels (C_in must be a multiple of weight.shape[1])")
@@ -141,7 +157,8 @@ def modulated_deform_conv2d(
     autocast dtype (torchvision's runs in float32); under CPU autocast it runs in float32.
     The backward pass is deterministic when ``torch.use_deterministic_algorithms(True)`` is
     set (on CUDA it then avoids floating-point atomics; the CPU kernels are always
-    deterministic for a given number of threads). Double backward is not supported.
+    deterministic for a given number of threads). Double backward is not supported:
+    differentiating the gradients (e.g. for a gradient penalty) raises a ``RuntimeError``.
 
     Memory: the sampled columns are built in tiles of output pixels and multiplied with the
     weight tile by tile, so no ``C_in * kh * kw * H_out * W_out`` im2col buffer is allocated
@@ -162,8 +179,10 @@ def modulated_deform_conv2d(
     Returns:
         [N, C_out, H_out, W_out], channels_last when ``input`` is channels_last.
     """
-    stride, padding, dilation = (_pair(stride, "stride"), _pair(padding, "padding"),
-                                 _pair(dilation, "dilation"))
+    op = "modulated_deform_conv2d"
+    stride, padding, dilation = (int_pair(stride, f"{op}: stride"),
+                                 int_pair(padding, f"{op}: padding"),
+                                 int_pair(dilation, f"{op}: dilation"))
     _check_args(input, offset, weight, bias, mask, stride, padding, dilation)
     return torch.ops.facedeblur_ext.modulated_deform_conv2d(
         input, offset, weight, bias, mask, stride, padding, dilation
@@ -238,6 +257,7 @@ def _backward(ctx, grad_output):
 
 
 torch.library.register_autograd(_NAME, _backward, setup_context=_setup_context)
+register_no_derivative(_BACKWARD_NAME, "modulated_deform_conv2d: double backward is not supported")
 
 
 @register_self_check("modulated_deform_conv2d")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._autograd import register_no_derivative
 from ._selfcheck import register_self_check
 
 __all__ = ["separable_norm", "labels_to_masks"]
@@ -64,14 +65,16 @@ def _check_args(x: Tensor, masks: Tensor, gamma: Tensor | None, beta: Tensor | N
     if x.device.type == "cuda" and masks.shape[1] > CUDA_MAX_REGIONS:
         raise ValueError(f"separable_norm: at most {CUDA_MAX_REGIONS} regions on CUDA, got "
                          f"{masks.shape[1]}")
+    for name, t in (("gamma", gamma), ("beta", beta)):
+        if t is not None and (not isinstance(t, Tensor) or not t.is_floating_point()):
+            raise TypeError(f"separable_norm: {name} must be a floating-point tensor or None, "
+                            f"got {t.dtype if isinstance(t, Tensor) else type(t).__name__}")
     for name, t in (("masks", masks), ("gamma", gamma), ("beta", beta)):
         if t is not None and t.device != x.device:
             raise ValueError(f"separable_norm: {name} is on {t.device} but x is on {x.device}")
     for name, t in (("gamma", gamma), ("beta", beta)):
         if t is None:
             continue
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"separable_norm: {name} must be a floating-point tensor or None")
         try:
             shape = torch.broadcast_shapes(t.shape, x.shape)
         except RuntimeError:
@@ -93,6 +96,8 @@ def separable_norm(x: Tensor, masks: Tensor, gamma: Tensor | None = None,
     With a foreground mask and its complement this is SNADNet's separable normalization (SN,
     Eq. 3-7) followed by its adaptive denormalization (AD, Eq. 9). A region with zero mass
     contributes nothing and gets no gradient; a pixel outside every region gives ``beta``.
+    Double backward is not supported: differentiating the gradients (e.g. for a gradient
+    penalty) raises a ``RuntimeError``.
 
     Args:
         x: [N, C, H, W] features (contiguous, channels_last or strided).
@@ -210,6 +215,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
 
 
 torch.library.register_autograd(_FORWARD, _backward, setup_context=_setup_context)
+register_no_derivative(_BACKWARD, "separable_norm: double backward is not supported")
 
 
 @register_self_check("separable_norm")
