@@ -3,12 +3,18 @@
 Each subcommand lives in its own module with ``configure(parser)`` and ``run(args) -> int``;
 modules are imported only when their subcommand runs, so that ``facedeblur --help`` stays fast
 and a missing optional dependency affects only the command that needs it.
+
+A user error (a missing or unreadable file, a bad option or config value, an unusable
+checkpoint) ends with one line, ``facedeblur COMMAND: error: MESSAGE``, and exit status 2;
+``FACEDEBLUR_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import pickle
 import sys
 
 # name -> (module, one-line help)
@@ -27,6 +33,29 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "blur bundled faces, deblur them with the default model, show the metrics"),
 }
 
+#: Exceptions that report a problem with the user's input rather than a bug: files that are
+#: missing, unreadable or unusable (OSError, the data package's BadImageError is a ValueError),
+#: bad option and config values (ValueError, TypeError, KeyError), missing optional modules or a
+#: bad --backend import path (ImportError), bad devices and checkpoints torch cannot read
+#: (RuntimeError, EOFError, UnpicklingError for truncated or foreign files).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, TypeError, KeyError, ImportError, RuntimeError, EOFError,
+    pickle.UnpicklingError,
+)
+
+DEBUG_ENV = "FACEDEBLUR_DEBUG"
+
+
+def describe_error(exc: BaseException) -> str:
+    """The first line of a user error's message, with the exception type where the message
+    alone says nothing (a KeyError's bare key, an empty EOFError)."""
+    # str() of a KeyError is the repr of its argument: quoted, escaped.
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and len(exc.args) == 1 else str(exc)
+    text = text.strip()
+    if " " not in text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text.splitlines()[0]
+
 
 def _version() -> str:
     from ._version import __version__
@@ -36,7 +65,9 @@ def _version() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="facedeblur", description="Face deblurring with fused C++/CUDA kernels."
+        prog="facedeblur", description="Face deblurring with fused C++/CUDA kernels.",
+        epilog=f"A user error is reported in one line, without a Python traceback; set "
+               f"{DEBUG_ENV}=1 to see the traceback.",
     )
     parser.add_argument("--version", action="version", version=f"facedeblur {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -56,13 +87,22 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
-    module = importlib.import_module(module_name)
-    sub_parser = argparse.ArgumentParser(prog=f"facedeblur {name}", description=help_text)
-    module.configure(sub_parser)
-    # A module may parse its own way (e.g. key=value overrides mixed with options).
-    parse = getattr(module, "parse_args", None)
-    args = parse(sub_parser, rest) if parse is not None else sub_parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    try:
+        module = importlib.import_module(module_name)
+        sub_parser = argparse.ArgumentParser(prog=f"facedeblur {name}", description=help_text)
+        module.configure(sub_parser)
+        # A module may parse its own way (e.g. key=value overrides mixed with options).
+        parse = getattr(module, "parse_args", None)
+        args = parse(sub_parser, rest) if parse is not None else sub_parser.parse_args(rest)
+        return int(module.run(args) or 0)
+    except USER_ERRORS as exc:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        # These types also come from bugs: say how to get the traceback for a report.
+        hint = (f" (set {DEBUG_ENV}=1 for the traceback)"
+                if isinstance(exc, (RuntimeError, TypeError)) else "")
+        print(f"facedeblur {name}: error: {describe_error(exc)}{hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -51,3 +51,21 @@ def one_torch_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def cli_error(capsys, monkeypatch):
+    """``cli_error(argv)``: run the CLI expecting a user error (exit status 2, one line on
+    stderr) and return that line without its ``facedeblur COMMAND: error:`` prefix."""
+    from facedeblur_ext import cli
+
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+
+    def run(argv) -> str:
+        capsys.readouterr()
+        assert cli.main([str(a) for a in argv]) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"facedeblur {argv[0]}: error: "), lines
+        return lines[0].split(": error: ", 1)[1]
+
+    return run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -209,13 +210,40 @@ def test_eval_cli_end_to_end(tmp_path, face_dir, tiny_checkpoint, capsys):
             assert img.format == "PNG" and img.size[0] > 100
 
 
-def test_eval_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="does not exist. Pass --data"):
-        cli.main(["eval", "--protocol", "kernel", "--data", str(tmp_path / "nowhere"),
-                  "-o", str(tmp_path / "out")])
-    with pytest.raises(SystemExit, match="video source not found"):
-        cli.main(["eval", "--protocol", "frames", "--videos", str(tmp_path / "none.mp4"),
-                  "-o", str(tmp_path / "out")])
+def test_eval_checks_its_output_device_and_checkpoints_before_computing(tmp_path, face_dir,
+                                                                        tiny_checkpoint, cli_error):
+    common = ["eval", "--protocol", "kernel", "--data", str(face_dir), "--limit", "1"]
+    occupied = tmp_path / "report.txt"
+    occupied.write_text("keep")
+    err = cli_error([*common, "-o", str(occupied)])
+    assert "exists and is not a folder" in err
+    out = str(tmp_path / "out")
+    err = cli_error([*common, "--device", "bogus", "-o", out])
+    assert "--device bogus: expected auto, cpu, cuda" in err
+    if not torch.cuda.is_available():
+        err = cli_error([*common, "--device", "cuda", "-o", out])
+        assert "no CUDA device is available" in err
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    err = cli_error(
+        [*common, "--model", "cfmd", "--checkpoint", str(empty), "--device", "cpu", "-o", out])
+    assert f"--checkpoint {empty}: cannot load it: EOFError" in err
+    err = cli_error(
+        [*common, "--model", "cfmd", "--checkpoint", str(tiny_checkpoint), "--backend",
+        "no_such.module", "--device", "cpu", "-o", out])
+    assert "--backend no_such.module: No module named 'no_such'" in err
+    assert occupied.read_text() == "keep"
+
+
+def test_eval_missing_data_is_a_clear_error(tmp_path, cli_error):
+    err = cli_error(
+        ["eval", "--protocol", "kernel", "--data", str(tmp_path / "nowhere"), "-o",
+        str(tmp_path / "out")])
+    assert "does not exist. Pass --data" in err
+    err = cli_error(
+        ["eval", "--protocol", "frames", "--videos", str(tmp_path / "none.mp4"), "-o",
+        str(tmp_path / "out")])
+    assert "video source not found" in err
 
 
 # ----------------------------------------------------------------------------- demo
@@ -239,7 +267,7 @@ def test_demo_with_a_tiny_checkpoint(tmp_path, tiny_checkpoint, capsys):
     assert "| cfmd (restored) |" in (out / "metrics.md").read_text()
 
 
-def test_demo_with_the_default_checkpoint_restores_the_bundled_faces(tmp_path, capsys):
+def test_demo_with_the_default_checkpoint_restores_the_bundled_faces(tmp_path, capsys, cli_error):
     """The shipped model (facedeblur_ext/assets/checkpoints/README.md) on the demo's seeded
     trajectory blur: clearly sharper than the input by every full-reference metric."""
     from facedeblur_ext.commands import BUNDLED_CHECKPOINTS
@@ -263,18 +291,18 @@ def test_demo_with_the_default_checkpoint_restores_the_bundled_faces(tmp_path, c
     assert cli.main(["deblur", str(face), "-o", str(tmp_path / "one"), "--frames", "1",
                      "--device", "cpu"]) == 0
     assert (tmp_path / "one" / "realblur_shen_1.png").is_file()
-    with pytest.raises(SystemExit, match="only cfmd has a bundled default"):
-        cli.main(["deblur", str(face), "-o", str(tmp_path / "two"), "--model", "snadnet"])
-    with pytest.raises(SystemExit, match="only cfmd has a bundled default"):
-        cli.main(["demo", "-o", str(tmp_path / "three"), "--model", "snadnet"])
+    err = cli_error(["deblur", str(face), "-o", str(tmp_path / "two"), "--model", "snadnet"])
+    assert "only cfmd has a bundled default" in err
+    err = cli_error(["demo", "-o", str(tmp_path / "three"), "--model", "snadnet"])
+    assert "only cfmd has a bundled default" in err
 
 
-def test_demo_without_the_default_checkpoint_says_so(tmp_path, monkeypatch):
+def test_demo_without_the_default_checkpoint_says_so(tmp_path, monkeypatch, cli_error):
     from facedeblur_ext import commands
 
     monkeypatch.setitem(commands.BUNDLED_CHECKPOINTS, "cfmd", tmp_path / "cfmd_default.pt")
-    with pytest.raises(SystemExit, match="not part of this installation.*--checkpoint"):
-        cli.main(["demo", "-o", str(tmp_path / "out")])
+    err = cli_error(["demo", "-o", str(tmp_path / "out")])
+    assert re.search("not part of this installation.*--checkpoint", err)
 
 
 # ----------------------------------------------------------------------------- full photo

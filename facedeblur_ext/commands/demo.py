@@ -74,8 +74,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from facedeblur_ext.commands import resolve_device
     from facedeblur_ext.commands.deblur import _save_gif
-    from facedeblur_ext.commands.eval import resolve_device
     from facedeblur_ext.evaluation.methods import (
         IdentityMethod,
         UnsharpMaskMethod,
@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     checkpoint = checkpoint_to_run(args.model, args.checkpoint)
     if args.faces < 1 or args.frames < 1:
-        raise SystemExit("--faces and --frames must be at least 1")
+        raise ValueError("--faces and --frames must be at least 1")
     paths = bundled_sharp_faces()[: args.faces]
     if not paths:
-        raise SystemExit(f"no bundled faces found in {FACES_DIR}")
+        raise ValueError(f"no bundled faces found in {FACES_DIR}")
     device = resolve_device(args.device)
     size = args.size or checkpoint_working_size(checkpoint, default=128)
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.model, checkpoint, device, resolve_backend(args.backend),
                            label=f"{args.model} (restored)")
     except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"cannot load {checkpoint}: {exc}") from None
+        raise ValueError(f"cannot load {checkpoint}: {exc}") from None
     sharp = _load_faces(paths, size).to(device)
 
     # Blur, seeded: trajectory kernels as in the kernel protocol of `facedeblur eval`.

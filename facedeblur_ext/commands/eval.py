@@ -107,49 +107,47 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_methods(args: argparse.Namespace, device) -> list:
     """Baseline rows plus one row per ``--model``/``--checkpoint`` pair."""
+    from facedeblur_ext.cli import USER_ERRORS, describe_error
     from facedeblur_ext.evaluation.methods import baseline_methods, load_model
     from facedeblur_ext.nn import resolve_backend
 
     if len(args.model) != len(args.checkpoint):
-        raise SystemExit(f"give one --checkpoint per --model ({len(args.model)} models, "
+        raise ValueError(f"give one --checkpoint per --model ({len(args.model)} models, "
                          f"{len(args.checkpoint)} checkpoints)")
     if args.label and len(args.label) != len(args.model):
-        raise SystemExit("give one --label per --model, or none")
+        raise ValueError("give one --label per --model, or none")
     nsr = args.wiener_nsr
     if nsr != "auto":
         try:
             nsr = float(nsr)
         except ValueError:
-            raise SystemExit(f"--wiener-nsr must be a number or 'auto', got {nsr!r}") from None
+            raise ValueError(f"--wiener-nsr must be a number or 'auto', got {nsr!r}") from None
     methods = baseline_methods(wiener_nsr=nsr, unsharp_sigma=args.unsharp_sigma,
                                unsharp_amount=args.unsharp_amount)
-    backend = resolve_backend(args.backend) if args.model else None
+    try:
+        backend = resolve_backend(args.backend) if args.model else None
+    except ImportError as exc:
+        raise ValueError(f"--backend {args.backend}: {exc}") from None
     for i, (family, ckpt) in enumerate(zip(args.model, args.checkpoint)):
         label = args.label[i] if args.label else None
         try:
             methods.append(load_model(family, ckpt, device, backend,
                                       prefer_ema=not args.no_ema, label=label))
-        except (FileNotFoundError, ValueError) as exc:
-            raise SystemExit(f"--model {family} --checkpoint {ckpt}: {exc}") from None
+        except USER_ERRORS as exc:  # missing, truncated or foreign checkpoint files
+            raise ValueError(f"--model {family} --checkpoint {ckpt}: cannot load it: "
+                             f"{describe_error(exc)}") from None
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
-        raise SystemExit(f"row names must differ, got {names}; use --label")
+        raise ValueError(f"row names must differ, got {names}; use --label")
     return methods
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from facedeblur_ext.commands import resolve_device
     from facedeblur_ext.evaluation.protocols import (
         EvalSettings,
         run_face_region_protocol,
@@ -162,18 +160,22 @@ def run(args: argparse.Namespace) -> int:
     protocols = PROTOCOLS if "all" in args.protocol else tuple(
         p for p in PROTOCOLS if p in args.protocol)
     if args.limit is not None and args.limit < 1:
-        raise SystemExit("--limit must be at least 1")
+        raise ValueError("--limit must be at least 1")
     # Fail on missing inputs before loading anything heavy.
     if {"kernel", "face-region"} & set(protocols) and not Path(args.data).exists():
-        raise SystemExit(f"test images not found: {args.data} does not exist. Pass --data DIR, "
-                         "a folder of sharp face images (the 1000-image CelebA test split is "
-                         "<shared data>/faces/celeba_dic_test128)")
+        raise FileNotFoundError(
+            f"test images not found: {args.data} does not exist. Pass --data DIR, a folder of "
+            "sharp face images (the 1000-image CelebA test split is "
+            "<shared data>/faces/celeba_dic_test128)")
     if "frames" in protocols:
         missing = [v for v in args.videos if not Path(v).exists()]
         if missing:
-            raise SystemExit(f"video source not found: {', '.join(missing)}. Pass --videos with "
-                             "video files or frame folders (e.g. <shared data>/face_video/"
-                             "hdtf_via_sadtalker)")
+            raise FileNotFoundError(
+                f"video source not found: {', '.join(missing)}. Pass --videos with video files "
+                "or frame folders (e.g. <shared data>/face_video/hdtf_via_sadtalker)")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"-o {output}: exists and is not a folder")
     device = resolve_device(args.device)
     methods = build_methods(args, device)
     wanted = list(args.metrics) + (["fid", "kid"] if args.fid else [])
@@ -188,21 +190,19 @@ def run(args: argparse.Namespace) -> int:
                             workers=args.workers, examples=args.examples,
                             progress=not args.no_progress,
                             analyzer=FaceAnalyzer(warn=False))
+    output.mkdir(parents=True, exist_ok=True)  # before the work: an unwritable place fails now
     results = []
-    try:
-        if "kernel" in protocols:
-            results.append(run_kernel_protocol(args.data, methods, suite, settings,
-                                               blur=args.blur, kernel_sizes=args.kernel_sizes,
-                                               noise_sigma=args.noise))
-        if "frames" in protocols:
-            results.append(run_frames_protocol(args.videos, methods, suite, settings,
-                                               frame_counts=args.frame_counts,
-                                               size=args.video_size))
-        if "face-region" in protocols:
-            results.append(run_face_region_protocol(args.data, methods, suite, settings,
-                                                    kernel_sizes=args.kernel_sizes))
-    except FileNotFoundError as exc:
-        raise SystemExit(str(exc)) from None
+    if "kernel" in protocols:
+        results.append(run_kernel_protocol(args.data, methods, suite, settings,
+                                           blur=args.blur, kernel_sizes=args.kernel_sizes,
+                                           noise_sigma=args.noise))
+    if "frames" in protocols:
+        results.append(run_frames_protocol(args.videos, methods, suite, settings,
+                                           frame_counts=args.frame_counts,
+                                           size=args.video_size))
+    if "face-region" in protocols:
+        results.append(run_face_region_protocol(args.data, methods, suite, settings,
+                                                kernel_sizes=args.kernel_sizes))
 
     meta = {
         "command": "facedeblur eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
         "models": [{"family": m.family, "checkpoint": m.checkpoint, "name": m.name}
                    for m in methods if getattr(m, "family", "")],
     }
-    written = write_report(results, meta, args.output)
+    written = write_report(results, meta, output)
     available = {m: suite.available[m] for m in suite.available}
     for result in results:
         table = result["tables"][0]
@@ -226,5 +226,5 @@ def run(args: argparse.Namespace) -> int:
             print(format_table(result["rows"], table["cells"].get(group, {}), available,
                                columns=suite.wanted))
     print(f"\nwrote {written['markdown']}, {written['json']} and {len(written['figures'])} "
-          f"figure(s) to {Path(args.output)}")
+          f"figure(s) to {output}")
     return 0

@@ -16,7 +16,10 @@ import argparse
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="training checkpoint (facedeblur train ...)")
-    parser.add_argument("output", help="inference checkpoint to write")
+    parser.add_argument("output", help="inference checkpoint to write (a new file)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the output file when it exists (never the checkpoint "
+                             "itself)")
     parser.add_argument("--models", nargs="+", default=["generator"],
                         help="models to keep (default: generator)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -32,15 +35,20 @@ def run(args: argparse.Namespace) -> int:
 
     from facedeblur_ext.training.checkpoint import export_inference_checkpoint
 
-    source = Path(args.checkpoint)
+    source, output = Path(args.checkpoint), Path(args.output)
     if not source.is_file():
-        raise SystemExit(f"checkpoint {source} does not exist")
+        raise FileNotFoundError(f"checkpoint {source} does not exist")
+    # The export is lossy (float16, no optimizer states): never write it over its source.
+    if output.exists() and output.samefile(source):
+        raise ValueError(f"the output {output} is the checkpoint itself; give another file")
+    if output.exists() and not args.force:
+        raise ValueError(f"{output} exists; pass --force to replace it")
     try:
-        path = export_inference_checkpoint(source, args.output, args.models,
+        path = export_inference_checkpoint(source, output, args.models,
                                            dtype=getattr(torch, args.dtype),
                                            prefer_ema=not args.no_ema)
     except KeyError as exc:
-        raise SystemExit(str(exc.args[0])) from None
+        raise ValueError(str(exc.args[0])) from None
     size = path.stat().st_size / 2**20
     print(f"wrote {path} ({size:.1f} MiB, {args.dtype}, models: {', '.join(args.models)})")
     return 0

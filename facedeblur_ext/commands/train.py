@@ -11,6 +11,9 @@ Examples::
 
 A task trained in stages (SNADNet) runs one trainer per stage, in order, each writing to
 ``<output_dir>/<stage>/``; ``--resume auto`` continues every stage from its own checkpoint.
+
+A run folder that already holds a run (checkpoints or logs) is not trained into again from
+scratch: continue it with ``--resume``, pick another ``-o``, or replace it with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -29,13 +32,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None, metavar="DIR",
                         help="data.root: the folder of training images, for tasks whose config "
                              "has that key (snadnet)")
-    parser.add_argument("--resume", default=None, metavar="CKPT|auto",
-                        help="continue from a checkpoint, or 'auto' for <output_dir>/"
-                             "checkpoints/last.pt when it exists")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", default=None, metavar="CKPT|auto",
+                       help="continue from a checkpoint, or 'auto' for <output_dir>/"
+                            "checkpoints/last.pt when it exists")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a run folder that holds a run, deleting its "
+                            "checkpoints, logs and samples first (without it, such a folder "
+                            "is refused)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the merged configuration and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. train.batch_size=4 optim.lr=2e-4")
+                        help="config overrides, e.g. train.batch_size=4 optim.lr=2e-4; one "
+                             "adding an unknown key to a trainer table (train, val, optim, "
+                             "...) is refused")
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -49,14 +59,13 @@ def run(args: argparse.Namespace) -> int:
     from facedeblur_ext.training import get_task, load_config
     from facedeblur_ext.training.trainer import Trainer
 
-    overrides = list(args.overrides)
+    config = load_config(args.task, args.config, args.overrides)
     if args.output_dir is not None:
-        overrides.append(f"output_dir={args.output_dir}")
-    config = load_config(args.task, args.config, overrides)
+        config["output_dir"] = args.output_dir  # set directly: a path is not parsed as YAML
     if args.data_root is not None:
         data = config.get("data")
         if not isinstance(data, dict) or "root" not in data:
-            raise SystemExit(f"--data-root: the {args.task} config has no data.root; set its "
+            raise ValueError(f"--data-root: the {args.task} config has no data.root; set its "
                              "data paths with overrides (see --print-config)")
         data["root"] = args.data_root  # set directly: a path is not parsed as YAML
     if args.print_config:
@@ -64,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     task = get_task(config["task"])
     for run_config, resume in task.runs(config, args.resume):
-        result = Trainer(run_config, task=task, resume=resume).fit()
+        result = Trainer(run_config, task=task, resume=resume, overwrite=args.overwrite).fit()
         if result["stopped_by_signal"]:
             print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']} "
                   f"(resume with --resume {result['checkpoint']})")

@@ -46,8 +46,24 @@ def atomic_torch_save(obj, path) -> Path:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load a training checkpoint (weights-only unpickling)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load a training checkpoint (weights-only unpickling).
+
+    Raises:
+        OSError: the file is missing or cannot be read.
+        ValueError: the file is not a checkpoint torch can load (empty, truncated, another
+            format, or objects other than tensors and plain values).
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch reports a damaged file in many types
+        # (EOFError when empty, RuntimeError when truncated, UnpicklingError, KeyError, ...)
+        # The first sentence: torch's own advice on corrupted files runs on for lines.
+        detail = str(exc).strip().split("\n")[0].split(". ")[0]
+        raise ValueError(f"{path} is not a readable checkpoint (truncated, or not a "
+                         f"weights-only torch file; {type(exc).__name__}"
+                         f"{': ' + detail if detail else ''})") from exc
 
 
 def export_inference_checkpoint(source, destination, models=("generator",), *,

@@ -3,11 +3,22 @@
 Overrides are ``dotted.key=value`` strings; the value is parsed as YAML, so ``8``, ``1e-4``,
 ``true``, ``null``, ``[32, 64]`` and ``{a: 1}`` have their natural types and anything else is a
 string. ``a.b=...`` creates missing intermediate tables.
+
+**Which new keys an override may create.** The tables read by the shared trainer and the data
+split (the top level, ``train``, ``val``, ``optim``, ``distributed``, ``data``; the same tables
+under ``stages.<stage>``) have a fixed set of keys, :data:`KNOWN_KEYS`, which includes keys the
+packaged configs leave out (``optim.cosine_steps``, ``train.max_steps``). An override that adds
+a key outside that set to one of these tables is a typo (``train.max_step=2`` would be ignored)
+and :func:`load_config` refuses it, naming the closest known key. Every other table belongs to
+a task or to a class it builds (``model``, ``loss``, dataset and synthesizer ``args``,
+``optim.per_model``) and takes keys a config file may leave out (a class's optional
+arguments), so overrides may add keys there; a class refuses an argument it does not take.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -15,7 +26,28 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["apply_overrides", "deep_merge", "default_config_path", "load_config", "read_config"]
+__all__ = ["KNOWN_KEYS", "apply_overrides", "deep_merge", "default_config_path", "load_config",
+           "read_config"]
+
+#: The keys of the tables with a fixed set of keys (see the module docstring), by table path
+#: ("" is the top level). The trainer's module docstring says what each one does.
+KNOWN_KEYS: dict[str, frozenset[str]] = {
+    "": frozenset({"task", "seed", "output_dir", "device", "model", "loss", "optim", "train",
+                   "val", "distributed", "data", "stage", "stages"}),
+    "train": frozenset({"epochs", "max_steps", "batch_size", "num_workers", "num_threads",
+                        "shuffle", "amp", "ema", "log_every", "checkpoint_every",
+                        "keep_checkpoints", "tensorboard", "progress"}),
+    "train.ema": frozenset({"enabled", "decay"}),
+    "val": frozenset({"every_steps", "every_epochs", "at_end", "batch_size", "max_batches",
+                      "preview"}),
+    "val.preview": frozenset({"images", "frames"}),
+    "optim": frozenset({"lr", "betas", "momentum", "weight_decay", "per_model",
+                        "lr_decay_per_epoch", "grad_clip_norm", "cosine_steps", "warmup_steps",
+                        "min_lr_ratio"}),
+    "distributed": frozenset({"backend", "check_replicas_every"}),
+    "data": frozenset({"root", "pattern", "val_root", "val_count", "analyzer", "blur", "train",
+                       "val", "collate"}),
+}
 
 
 class _Loader(yaml.SafeLoader):
@@ -92,6 +124,40 @@ def apply_overrides(config: Mapping, overrides: Iterable[str]) -> dict:
     return out
 
 
+def _fixed_table(path: tuple) -> str | None:
+    """The :data:`KNOWN_KEYS` table that holds the key at ``path``, or None (a free table)."""
+    table = path[:-1]
+    if table[:1] == ("stages",):
+        if len(table) < 2:
+            return None  # a stage name: the task checks those
+        table = table[2:]  # a stage's tables are merged over the top-level ones
+    name = ".".join(map(str, table))
+    return name if name in KNOWN_KEYS else None
+
+
+def _check_new_keys(before: Mapping, after: Mapping, override: str, prefix: tuple = ()) -> None:
+    """Refuse a key that ``override`` added (in ``after``, not in ``before``) to a table of
+    :data:`KNOWN_KEYS` that does not know it.
+
+    Raises:
+        ValueError: naming the closest known key.
+    """
+    for key, value in after.items():
+        path = (*prefix, key)
+        table = _fixed_table(path) if key not in before else None
+        if table is not None and key not in KNOWN_KEYS[table]:
+            known = sorted(KNOWN_KEYS[table])
+            message = f"override {override!r}: unknown key {'.'.join(map(str, path))}"
+            close = difflib.get_close_matches(str(key), known, n=1)
+            if close:
+                message += f" (did you mean {'.'.join(map(str, (*path[:-1], close[0])))}?)"
+            raise ValueError(f"{message}; the keys of {table or 'the top level'} are "
+                             f"{', '.join(known)}")
+        old = before.get(key)
+        if isinstance(value, Mapping):
+            _check_new_keys(old if isinstance(old, Mapping) else {}, value, override, path)
+
+
 def default_config_path(task: str) -> Path:
     """The packaged default config of ``task`` (``facedeblur_ext/configs/<task>.yaml``)."""
     return Path(str(resources.files("facedeblur_ext") / "configs" / f"{task}.yaml"))
@@ -117,14 +183,21 @@ def packaged_config_names() -> list[str]:
 
 
 def load_config(task: str, path=None, overrides: Iterable[str] = ()) -> dict:
-    """The task's packaged defaults, merged with the file ``path`` and then ``overrides``."""
+    """The task's packaged defaults, merged with the file ``path`` and then ``overrides``.
+
+    Raises:
+        ValueError: an override adds an unknown key to a table of :data:`KNOWN_KEYS`.
+    """
     config = {}
     default = default_config_path(task)
     if default.exists():
         config = read_config(default)
     if path is not None:
         config = deep_merge(config, read_config(resolve_config_path(path)))
-    config = apply_overrides(config, overrides)
+    for item in overrides:
+        updated = apply_overrides(config, [item])
+        _check_new_keys(config, updated, item)
+        config = updated
     config.setdefault("task", task)
     if config["task"] != task:
         raise ValueError(f"config is for task {config['task']!r}, not {task!r}")

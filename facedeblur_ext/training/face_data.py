@@ -4,7 +4,7 @@ The ``data`` table of a config::
 
     root: DIR            # sharp face images, searched recursively (`--data-root DIR`)
     pattern: GLOB        # optional file-name filter, e.g. "*.jpg"
-    val_root: DIR        # validation faces; null: the last `val_count` images of root
+    val_root: DIR        # validation faces; null: the last `val_count` usable images of root
     val_count: N         # (sorted by path) are held out for validation
     analyzer: {...}      # facedeblur_ext.data.FaceAnalyzer arguments (e.g. cache_dir)
     blur: {class: module:Class, args: {...}}     # the blur synthesizer
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from pathlib import Path
 
 from .task import instantiate
@@ -32,8 +33,18 @@ __all__ = ["build_face_datasets", "split_image_folder"]
 
 
 def split_image_folder(data: dict) -> tuple[list[Path], list[Path]]:
-    """(training, validation) image files of a ``data`` table (see the module docstring)."""
-    from ..data.io import list_images
+    """(training, validation) image files of a ``data`` table (see the module docstring).
+
+    Unusable files (unreadable, grayscale, with alpha, smaller than the training dataset's
+    ``min_size``: the datasets' own header check, skipped like theirs with ``validate: false``)
+    are dropped, with one warning, before the validation images are held out, so that they
+    neither shrink the validation set nor leave it empty.
+    """
+    from ..data.io import DEFAULT_MIN_SIZE, list_images, probe_image
+
+    train_args = (data.get("train") or {}).get("args") or {}
+    min_size = int(train_args.get("min_size", DEFAULT_MIN_SIZE))
+    validate = bool(train_args.get("validate", True))
 
     def images(folder) -> list[Path]:
         folder = Path(folder)
@@ -46,6 +57,17 @@ def split_image_folder(data: dict) -> tuple[list[Path], list[Path]]:
         if not files:
             raise ValueError(f"no images in {folder}" + (f" matching {pattern!r}" if pattern
                                                          else ""))
+        rejected = [(p, reason) for p in files if validate
+                    and (reason := probe_image(p, min_size=min_size)) is not None]
+        if rejected:
+            shown = "; ".join(f"{p.name}: {reason}" for p, reason in rejected[:5])
+            more = f" (and {len(rejected) - 5} more)" if len(rejected) > 5 else ""
+            if len(rejected) == len(files):
+                raise ValueError(f"no usable images in {folder}: {shown}{more}")
+            warnings.warn(f"skipping {len(rejected)} of {len(files)} images in {folder}: "
+                          f"{shown}{more}", UserWarning, stacklevel=3)
+            unusable = {p for p, _ in rejected}
+            files = [p for p in files if p not in unusable]
         return files
 
     if not data.get("root"):
@@ -56,8 +78,8 @@ def split_image_folder(data: dict) -> tuple[list[Path], list[Path]]:
         return files, images(data["val_root"])
     count = int(data.get("val_count") or 0)
     if count >= len(files):
-        raise ValueError(f"data.val_count={count} leaves no training image of {len(files)} "
-                         f"in {data['root']}")
+        raise ValueError(f"data.val_count={count} leaves no training image of the "
+                         f"{len(files)} usable ones in {data['root']}")
     return (files[:-count], files[-count:]) if count > 0 else (files, [])
 
 

@@ -19,6 +19,9 @@ Configuration keys used here (the task reads ``model``, ``loss``, ``data``)::
             (auto|off|bf16|fp16), ema: {enabled, decay}, log_every, checkpoint_every,
             keep_checkpoints, tensorboard}
     val: {every_steps, every_epochs, at_end, batch_size, max_batches, preview: {...}}
+
+``config.KNOWN_KEYS`` lists the keys of these tables (with the optimizer keys the tasks read:
+momentum, weight_decay, per_model); an override adding any other key to them is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import shutil
 import signal
 import threading
 import time
@@ -165,13 +169,17 @@ class Trainer:
         resume: a checkpoint path, ``"auto"`` (``<output_dir>/checkpoints/last.pt`` if present)
             or None.
         step_callback: called as ``fn(trainer)`` after every optimizer step (tests, hooks).
+        overwrite: when not resuming and ``output_dir`` holds an earlier run (checkpoints or
+            logs), delete its checkpoints, logs and samples and start afresh; without it such
+            a run is refused (see :meth:`claim_output_dir`).
     """
 
     def __init__(self, config: dict, task: type[Task] | None = None, resume=None,
-                 step_callback=None):
+                 step_callback=None, overwrite: bool = False):
         self.config = config
         self.task_cls = task or get_task(config["task"])
         self.resume = resume
+        self.overwrite = overwrite
         self.step_callback = step_callback
         self.stop_signal: int | None = None
         self.step = 0
@@ -192,6 +200,7 @@ class Trainer:
         self.amp_dtype = resolve_amp_dtype(tcfg.get("amp", "auto"), self.device)
         self.output_dir = Path(cfg.get("output_dir", "runs"))
         self.ckpt_dir = self.output_dir / "checkpoints"
+        self.claim_output_dir()
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
         seed = int(cfg.get("seed", 0))
@@ -246,6 +255,39 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
             self.log = RunLog(self.output_dir, self.step if resume_path else None,
                               tensorboard=bool(tcfg.get("tensorboard", True)))
+
+    def claim_output_dir(self) -> None:
+        """Check that a fresh start (no checkpoint to resume) does not train into an earlier
+        run's folder: its logs would be replaced and its step checkpoints mixed with the new
+        ones (and pruned in their place). With ``overwrite`` that run's checkpoints, logs and
+        samples are deleted instead.
+
+        Raises:
+            NotADirectoryError: ``output_dir`` is a file.
+            FileExistsError: ``output_dir`` holds a run and ``overwrite`` is off.
+        """
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise NotADirectoryError(f"output_dir {self.output_dir} is a file, not a folder")
+        if self._resume_path() is not None:
+            return
+        last = self.ckpt_dir / "last.pt"
+        found = [p for p in (last, *sorted(self.ckpt_dir.glob("step_*.pt")),
+                             self.output_dir / "train.csv", self.output_dir / "val.csv")
+                 if p.exists()]
+        if found and not self.overwrite:
+            shown = ", ".join(str(p.relative_to(self.output_dir)) for p in found[:3])
+            resume = "continue it with --resume auto, " if last.exists() else ""
+            raise FileExistsError(
+                f"{self.output_dir} already holds a training run ({shown}); {resume}train into "
+                "another folder (-o DIR), or pass --overwrite to delete its checkpoints and "
+                "logs and start afresh")
+        if self.overwrite:
+            if found and self.dist.is_main:
+                for folder in ("checkpoints", "tensorboard", "samples"):
+                    shutil.rmtree(self.output_dir / folder, ignore_errors=True)
+                for name in ("train.csv", "val.csv"):
+                    (self.output_dir / name).unlink(missing_ok=True)
+            barrier(self.dist)  # every rank, whatever it found: rank 0 may be deleting
 
     def _resume_path(self):
         if self.resume in (None, False, ""):
@@ -458,6 +500,7 @@ class Trainer:
         val_every_epochs = int(vcfg.get("every_epochs", 0) or 0)
         check_every = int(cfg.get("distributed", {}).get("check_replicas_every", 0) or 0)
         previous_handlers = self._install_signal_handlers()
+        start_step = self.step  # > 0 when resumed
         last_val, last_val_step = None, -1
         running: dict[str, float] = {}
         running_n = 0
@@ -539,8 +582,9 @@ class Trainer:
                         break
                     if self.epoch_step == 0:
                         break  # epoch finished: new sampler order and loader
+            # No step in this call (a finished run resumed): its end was validated already.
             if (self.stop_signal is None and vcfg.get("at_end", True)
-                    and last_val_step != self.step):
+                    and last_val_step != self.step and self.step > start_step):
                 last_val = self.validate()
             path = self.save_checkpoint()
         finally:

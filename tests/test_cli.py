@@ -1,0 +1,134 @@
+"""The ``facedeblur`` command line: user errors, ``train -o`` and run folders, ``export``.
+
+Training runs use the tiny CFMD-GAN of ``tests/configs/cfmd_tiny.yaml`` for one to three steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from conftest import REPO_ROOT
+
+import facedeblur_ext
+from facedeblur_ext import cli
+from facedeblur_ext.training.checkpoint import load_checkpoint
+
+FRAMES = REPO_ROOT / "tests" / "data" / "frames_vd001"
+TINY_CONFIG = REPO_ROOT / "tests" / "configs" / "cfmd_tiny.yaml"
+BACKEND_NAME = ("facedeblur_ext.ops" if hasattr(facedeblur_ext.ops, "modulated_deform_conv2d")
+                else "facedeblur_ref")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def train_argv(run_dir, *extra) -> list[str]:
+    return ["train", "cfmd", "--config", str(TINY_CONFIG), "-o", str(run_dir),
+            f"data.train.args.roots=[{FRAMES}]", f"data.val.args.roots=[{FRAMES}]",
+            f"model.backend={BACKEND_NAME}", *extra]
+
+
+# ----------------------------------------------------------------------------- user errors
+
+
+def test_a_user_error_is_one_line_with_exit_status_2(capsys, monkeypatch):
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert cli.main(["train", "nosuchtask"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("facedeblur train: error: unknown task 'nosuchtask'; known: baseline_ae, "
+                   "baseline_gan, cfmd, snadnet\n")
+    assert cli.main(["train", "cfmd", "train.max_step=2", "--print-config"]) == 2
+    assert "did you mean train.max_steps?" in capsys.readouterr().err
+
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")  # the traceback, for bug reports
+    with pytest.raises(KeyError, match="unknown task"):
+        cli.main(["train", "nosuchtask"])
+
+
+def test_errors_that_may_be_bugs_say_how_to_get_the_traceback(capsys, monkeypatch):
+    import facedeblur_ext.commands.info as info
+
+    def broken_run(args):
+        raise RuntimeError("the model broke")
+
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    monkeypatch.setattr(info, "run", broken_run)
+    assert cli.main(["info"]) == 2
+    assert capsys.readouterr().err == ("facedeblur info: error: the model broke "
+                                       f"(set {cli.DEBUG_ENV}=1 for the traceback)\n")
+
+
+def test_messages_without_words_name_their_exception():
+    assert cli.describe_error(EOFError()) == "EOFError"
+    assert cli.describe_error(KeyError("train")) == "KeyError: train"
+    assert cli.describe_error(KeyError("no task 'x'")) == "no task 'x'"  # no repr quotes
+    assert cli.describe_error(RuntimeError("first line\nsecond")) == "first line"
+
+
+def test_missing_and_truncated_checkpoints_are_user_errors(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    assert cli.main(train_argv(tmp_path / "run", "--resume", str(missing))) == 2
+    assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert cli.main(["export", str(empty), str(tmp_path / "small.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"facedeblur export: error: {empty} is not a readable checkpoint")
+    assert "Traceback" not in err
+
+
+def test_help_names_the_debug_variable(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "FACEDEBLUR_DEBUG=1" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@pytest.mark.parametrize("folder", ["2024-01-01", "001", "exp #2", "runs/a: b"])
+def test_output_dir_is_a_plain_path(folder, capsys):
+    assert cli.main(["train", "cfmd", "-o", folder, "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["output_dir"] == folder
+
+
+def test_train_refuses_an_earlier_run_folder_unless_resumed_or_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(train_argv(run, "train.max_steps=2", "train.checkpoint_every=1")) == 0
+    capsys.readouterr()
+    assert cli.main(train_argv(run, "train.max_steps=2")) == 2
+    err = capsys.readouterr().err
+    assert "already holds a training run" in err and "--overwrite" in err
+    assert cli.main(train_argv(run, "train.max_steps=3", "--resume", "auto")) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+    assert cli.main(train_argv(run, "train.max_steps=1", "--overwrite")) == 0
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1
+    assert not list((run / "checkpoints").glob("step_*.pt"))
+    assert [line.split(",")[0] for line in (run / "val.csv").read_text().splitlines()] == [
+        "step", "1"]
+    with pytest.raises(SystemExit):  # argparse: the two exclude each other
+        cli.main(train_argv(run, "--resume", "auto", "--overwrite"))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_never_writes_over_its_checkpoint_and_asks_before_replacing(tmp_path, cli_error):
+    ckpt = tmp_path / "last.pt"
+    torch.save({"task": "cfmd", "config": {}, "models": {"generator": {
+        "weight": torch.randn(3, 3)}}}, ckpt)
+    original = ckpt.read_bytes()
+    link = tmp_path / "link.pt"
+    link.symlink_to(ckpt)
+    for output in (ckpt, tmp_path / "." / "last.pt", link):
+        err = cli_error(["export", str(ckpt), str(output), "--force"])
+        assert "is the checkpoint itself" in err
+    assert ckpt.read_bytes() == original
+
+    small = tmp_path / "small.pt"
+    small.write_bytes(b"someone's file")
+    err = cli_error(["export", str(ckpt), str(small)])
+    assert "exists; pass --force" in err
+    assert small.read_bytes() == b"someone's file"
+    assert cli.main(["export", str(ckpt), str(small), "--force"]) == 0
+    assert load_checkpoint(small)["models"]["generator"]["weight"].dtype == torch.float16
