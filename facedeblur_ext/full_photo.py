@@ -79,7 +79,13 @@ def detect_photo_faces(photo: np.ndarray, analyzer=None, *, min_score: float = 0
 
 def crop_matrix(face: PhotoFace, size: int, margin: float = DEFAULT_FACE_MARGIN) -> np.ndarray:
     """The 2 x 3 affine matrix mapping photo pixel coordinates to a ``size`` x ``size`` crop
-    (module docstring), for ``cv2.warpAffine``."""
+    (module docstring), for ``cv2.warpAffine``.
+
+    Raises:
+        ValueError: ``margin`` is not above 0, or the face box is empty.
+    """
+    if not margin > 0:
+        raise ValueError(f"the face margin must be above 0, got {margin}")
     x0, y0, x1, y1 = (float(v) for v in face.box)
     side = margin * max(x1 - x0, y1 - y0)
     if side <= 0:
@@ -133,12 +139,17 @@ def restore_photo(photo: np.ndarray, restore: Callable[[Tensor], Tensor], *, siz
     Returns:
         The restored photo (uint8; pixels outside every face's mask are the input's) and the
         faces used.
+
+    Raises:
+        ValueError: ``photo`` is not uint8 RGB, ``size`` is below 1 or ``margin`` not above 0.
     """
     import cv2
 
     if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3:
         raise ValueError(f"photo must be [H, W, 3] uint8 RGB, got {photo.dtype} "
                          f"{list(photo.shape)}")
+    if size < 1:
+        raise ValueError(f"the face crop size must be at least 1, got {size}")
     if faces is None:
         faces = detect_photo_faces(photo, analyzer, min_score=min_score)
     if not faces:

@@ -20,10 +20,15 @@ Layout of ``--output``::
     manifest.json                settings, all records and the skipped inputs with reasons
 
 Every file is written atomically, so an interrupted run leaves no torn files and a rerun skips
-the items that have a record (resumable). Unusable inputs (unreadable, grayscale, with alpha,
-too small, no face) are reported and skipped; they never stop the run. Each item's random
-choices depend only on ``--seed`` and the item's name, so adding inputs does not change the
-items already made, and ``kernel`` and ``face-only`` runs with one seed use the same kernels.
+the items that have a record (resumable). The manifest is written at the start of a run too,
+and a rerun whose settings differ from its ``settings`` in what decides how the items are made
+(mode, seed, size, min size, and the synthesizer config or the frame settings of the mode) is
+refused, since its items would be mixed with the earlier ones: pass a new ``--output`` instead
+(``--input``, ``--limit`` and ``--cache-dir`` may change). Unusable inputs (unreadable,
+grayscale, with alpha, too small, no face) are reported and skipped; they never stop the run.
+Each item's random choices depend only on ``--seed`` and the item's name, so adding inputs
+does not change the items already made, and ``kernel`` and ``face-only`` runs with one seed use
+the same kernels.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def _parse_num_frames(text: str) -> tuple[int, int]:
     except ValueError:
         lo = hi = None
     if lo is None or not 1 <= lo <= hi:
-        raise SystemExit(f"facedeblur synth: --num-frames must be N or LO-HI, got {text!r}")
+        raise ValueError(f"--num-frames must be N or LO-HI with 1 <= LO <= HI, got {text!r}")
     return lo, hi
 
 
@@ -148,6 +153,70 @@ def _write_json(path: Path, data) -> None:
     from facedeblur_ext.data.io import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _settings(args, synthesizer) -> dict:
+    """The run's settings as stored in the manifest."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k not in ("no_progress",)}
+    settings["synth_config"] = _load_config(args.synth_config)
+    if synthesizer is not None:
+        settings["synthesizer"] = type(synthesizer).__module__ + "." + type(synthesizer).__name__
+    return settings
+
+
+def _recipe(settings: dict, mode: str) -> dict:
+    """The settings that decide how the items of ``mode`` are made, in one spelling each
+    (``--num-frames 7`` is 7-7, the default stride is the largest N), as JSON values."""
+    recipe = {key: settings.get(key) for key in ("mode", "seed", "size", "min_size")}
+    if mode == "frames":
+        lo, hi = _parse_num_frames(settings.get("num_frames"))
+        recipe.update(num_frames=f"{lo}-{hi}", stride=settings.get("stride") or hi,
+                      crf_gamma=settings.get("crf_gamma"), fmr_grid=settings.get("fmr_grid"))
+    else:
+        recipe.update(synth_config=settings.get("synth_config"),
+                      synthesizer=settings.get("synthesizer"))
+    return json.loads(json.dumps(recipe))  # (as read back from manifest.json)
+
+
+def _check_same_recipe(out: Path, settings: dict) -> None:
+    """Refuse to add items to ``out`` when the items already there were made otherwise.
+
+    Raises:
+        ValueError: ``out`` has item records and its manifest's settings differ from
+            ``settings`` in the recipe (naming each difference), or the manifest is unreadable.
+    """
+    manifest_path = out / "manifest.json"
+    records_dir = out / "records"
+    if not manifest_path.is_file() or not any(records_dir.glob("*.json")):
+        return  # nothing made yet (records without a manifest: made before it was written first)
+    try:
+        previous = json.loads(manifest_path.read_text())["settings"]
+        before = _recipe(previous, settings["mode"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"cannot read the settings of the items in {out} from {manifest_path} "
+                         f"({exc}); pass a new --output folder") from None
+    now = _recipe(settings, settings["mode"])
+    labels = {"synth_config": "the --synth-config content", "synthesizer": "the synthesizer"}
+    changed = [f"{labels.get(key, '--' + key.replace('_', '-'))} was {before[key]!r}, "
+               f"now {now[key]!r}" for key in now if before[key] != now[key]]
+    if changed:
+        raise ValueError(f"{out} holds items made with other settings ({'; '.join(changed)}); "
+                         "rerun with those settings to add to it, or pass a new --output folder")
+
+
+def _write_manifest(out: Path, settings: dict, skipped: list, counts: dict) -> None:
+    """manifest.json: ``settings``, the records on disk, ``skipped`` and ``counts``."""
+    records_dir = out / "records"
+    records = []
+    for path in sorted(records_dir.glob("*.json")) if records_dir.is_dir() else []:
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    _write_json(out / "manifest.json", {"settings": settings, "items": records,
+                                        "skipped": skipped,
+                                        "counts": {"items": len(records), **counts}})
 
 
 class _SkipItem(Exception):
@@ -318,6 +387,8 @@ def run(args: argparse.Namespace) -> int:
             print("facedeblur synth: " + SYNTH_MISSING.format(mode=args.mode, error=exc),
                   file=sys.stderr)
             return 2
+    settings = _settings(args, synthesizer)
+    _check_same_recipe(out, settings)
 
     analyzer = FaceAnalyzer(cache_dir=args.cache_dir, warn=False)
     skipped: list[dict] = []
@@ -332,6 +403,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for entry in skipped:
         print(f"skipped {entry['input']}: {entry['reason']}", file=sys.stderr)
+    # Written first so that the settings of an interrupted run's items are known on a rerun.
+    _write_manifest(out, settings, skipped,
+                    {"made": 0, "already_done": 0, "skipped": len(skipped), "failed": 0})
 
     records_dir = out / "records"
     done = made = failed = 0
@@ -369,21 +443,8 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(made=made, skipped=len(skipped))
     bar.close()
 
-    records = []
-    for path in sorted(records_dir.glob("*.json")) if records_dir.is_dir() else []:
-        try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("no_progress",)}
-    settings["synth_config"] = _load_config(args.synth_config)
-    if synthesizer is not None:
-        settings["synthesizer"] = type(synthesizer).__module__ + "." + type(synthesizer).__name__
-    manifest = {"settings": settings, "items": records, "skipped": skipped,
-                "counts": {"items": len(records), "made": made, "already_done": done,
-                           "skipped": len(skipped), "failed": failed}}
-    _write_json(out / "manifest.json", manifest)
+    _write_manifest(out, settings, skipped, {"made": made, "already_done": done,
+                                             "skipped": len(skipped), "failed": failed})
     print(f"facedeblur synth: {made} made, {done} already done, {len(skipped)} skipped "
           f"({failed} failed) in {time.time() - start_time:.1f} s -> {out}", file=sys.stderr)
     return 1 if failed else 0
