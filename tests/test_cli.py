@@ -132,3 +132,18 @@ def test_export_never_writes_over_its_checkpoint_and_asks_before_replacing(tmp_p
     assert small.read_bytes() == b"someone's file"
     assert cli.main(["export", str(ckpt), str(small), "--force"]) == 0
     assert load_checkpoint(small)["models"]["generator"]["weight"].dtype == torch.float16
+
+
+def test_info_lists_the_registered_ops_and_nothing_else(capsys):
+    from facedeblur_ext.commands import info
+
+    ops = info.collect()["ops"]
+    # The namespace object's own attributes (``name``) are not ops.
+    assert "name" not in ops
+    assert ops == sorted(["average_frames", "average_frames_backward", "blur_synthesize",
+                          "blur_synthesize_backward", "defocus_kernels", "gaussian_kernels",
+                          "modulated_deform_conv2d", "modulated_deform_conv2d_backward",
+                          "motion_kernels", "separable_norm_backward", "separable_norm_forward",
+                          "trajectory_kernels"])
+    assert cli.main(["info"]) == 0
+    assert "ops (12): average_frames," in capsys.readouterr().out

@@ -22,7 +22,10 @@ def collect() -> dict:
                 "capability": f"{props.major}.{props.minor}",
                 "memory_gib": round(props.total_memory / 2**30, 1),
             })
-    ops = sorted(name for name in dir(torch.ops.facedeblur_ext) if not name.startswith("_"))
+    # The namespace object also carries attributes of its own (e.g. ``name``): keep the ops.
+    namespace = torch.ops.facedeblur_ext
+    ops = sorted(name for name in dir(namespace)
+                 if isinstance(getattr(namespace, name), torch._ops.OpOverloadPacket))
     return {
         "build": facedeblur_ext.build_info(),
         "runtime": {"python": platform.python_version(), "torch": torch.__version__,
