@@ -165,17 +165,35 @@ def content_hash(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's file mode creation mask, read without changing it where the system allows
+    (Linux ``/proc``; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
     The bytes go to a temporary file in the same directory, are flushed to disk and then
     renamed over ``path`` (rename is atomic within a file system). Safe with concurrent writers
-    of the same path (last one wins, no torn files).
+    of the same path (last one wins, no torn files). The file gets the mode any new file of the
+    user gets (0666 less the umask), not ``mkstemp``'s private 0600. An interrupt (Ctrl-C)
+    removes the temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
