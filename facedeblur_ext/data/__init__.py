@@ -17,6 +17,7 @@ MediaPipe (the ``face`` extra) is imported only when an image has to be analysed
 from .datasets import (
     FrameStackDataset,
     KernelBlurDataset,
+    MotionBlurMixDataset,
     SNADNetDataset,
     blur_batch,
     collate_frame_stacks,
@@ -67,7 +68,8 @@ from .masks import (
 __all__ = [
     "BadImageError", "CLASS_TO_REGION", "CropTransform", "FaceAnalysis", "FaceAnalyzer",
     "FacePrior", "FrameFolder", "FrameReadError", "FrameStackDataset", "KernelBlurDataset",
-    "MEDIAPIPE_HINT", "NoFaceWarning", "PARSING_CLASSES", "REGION_NAMES", "SNADNetDataset",
+    "MEDIAPIPE_HINT", "MotionBlurMixDataset", "NoFaceWarning", "PARSING_CLASSES", "REGION_NAMES",
+    "SNADNetDataset",
     "VideoFrames", "atomic_write_bytes", "blur_batch", "build_analysis", "center_transform",
     "collate_frame_stacks", "content_hash", "control_factors", "crf_average",
     "crf_average_uint8", "discover_frame_sources", "face_mask", "fill_missing", "fmr_order",

@@ -304,6 +304,116 @@ class SNADNetDataset(KernelBlurDataset):
         super().__init__(images, synthesizer, **kwargs)
 
 
+class MotionBlurMixDataset(KernelBlurDataset):
+    """Still faces degraded by the issue-16 mix: continuous motion or a blur kernel, then noise,
+    JPEG and optionally a second-order round (CFMD-GAN's default training data).
+
+    With probability ``motion_prob`` a sample is **motion from the still**
+    (:func:`~facedeblur_ext.data.motion.render_motion_sample`): N in ``num_targets`` sharp
+    moments in FMR order, one of them (rank ``i`` drawn uniformly) is the target, with
+    ``u = (i - 1) / N``. Otherwise it is a **kernel blur**
+    (:func:`~facedeblur_ext.data.degradation.sample_kernel`, sized relative to the face; the
+    whole image, or only the face with ``degradation.face_only_prob``) whose target is the
+    middle of the exposure, ``u = 0.5``. Both then go through
+    :func:`~facedeblur_ext.data.degradation.degrade`.
+
+    Args:
+        images: a folder, an image file, or a list of image files (sharp faces).
+        motion_prob: share of motion-from-still samples.
+        num_targets: (low, high) range of N, inclusive (paper 003: 5 to 13).
+        motion: :class:`~facedeblur_ext.data.motion.MotionConfig` or its dict.
+        degradation: :class:`~facedeblur_ext.data.degradation.DegradationConfig` or its dict.
+        return_moments: add ``moments`` ``[N, 3, h, w]`` and ``moment_u`` ``[N]`` (all N targets
+            of a motion sample; variable N needs ``batch_size=1`` or a fixed ``num_targets``).
+        synthesizer: not used (the kernels come from ``degradation``); accepted so that the
+            dataset fits :func:`~facedeblur_ext.training.face_data.build_face_datasets`.
+        Other arguments as :class:`KernelBlurDataset` (face analysis is always on: the left eye
+        orders the moments and the face size scales the blur).
+
+    Sample keys: ``blurry``, ``sharp``, ``u`` (0-d float32), ``is_motion`` (bool), ``index``.
+    """
+
+    #: Blurs with its own degradation mix: a config needs no ``data.blur`` table for it.
+    uses_synthesizer = False
+
+    def __init__(self, images, synthesizer: Synthesizer | None = None, *,
+                 motion_prob: float = 0.5, num_targets: tuple[int, int] = (5, 13),
+                 motion=None, degradation=None, return_moments: bool = False, **kwargs):
+        from .degradation import DegradationConfig
+        from .motion import MotionConfig
+
+        if kwargs.get("face_masks") is False:
+            raise ValueError("MotionBlurMixDataset needs the face analysis (face_masks=True)")
+        super().__init__(images, None, **kwargs)
+        if not 0 <= motion_prob <= 1:
+            raise ValueError(f"motion_prob must be in [0, 1], got {motion_prob}")
+        low, high = (num_targets, num_targets) if isinstance(num_targets, int) else num_targets
+        if not 1 <= low <= high:
+            raise ValueError(f"num_targets must be (low, high) with 1 <= low <= high, got "
+                             f"{num_targets}")
+        self.motion_prob = float(motion_prob)
+        self.num_targets = (int(low), int(high))
+        self.motion = MotionConfig.from_dict(motion or {})
+        self.degradation = DegradationConfig.from_dict(degradation or {})
+        self.return_moments = bool(return_moments)
+
+    def _face_size(self, analysis: FaceAnalysis, scale: float, crop: int) -> float:
+        """Face size in output pixels: 2.5 interocular distances, else 0.6 of the crop."""
+        if analysis.found:
+            return 2.5 * float(np.linalg.norm(analysis.eyes[1] - analysis.eyes[0])) * scale
+        return 0.6 * crop
+
+    def _make_sample(self, index: int, image: np.ndarray, analysis: FaceAnalysis | None,
+                     rng: np.random.Generator) -> dict:
+        from .. import ops
+        from .degradation import degrade, sample_kernel
+        from .motion import render_motion_sample
+
+        crop = self.crop_size if self.crop_size is not None else min(image.shape[:2]) - 16
+        sample = {"index": torch.tensor(index)}
+        if rng.random() < self.motion_prob:
+            src = _image_tensor(image)
+            short = min(image.shape[:2])
+            base = short if self.base_size is None else float(self.base_size)
+            scale = base / short * (rng.uniform(*self.scale_range) if self.augment else 1.0)
+            eye = analysis.left_eye
+            if self.augment and rng.random() < self.flip_prob:
+                src = src.flip(-1)
+                eye = np.array([image.shape[1] - 1 - analysis.right_eye[0],
+                                analysis.right_eye[1]])
+            count = int(rng.integers(self.num_targets[0], self.num_targets[1] + 1))
+            rank = int(rng.integers(count))
+            face = self._face_size(analysis, scale, crop)
+            origin = None
+            if not self.augment:  # centred crop
+                origin = ((image.shape[1] - 1) / 2 - (crop - 1) / 2 / scale,
+                          (image.shape[0] - 1) / 2 - (crop - 1) / 2 / scale)
+            rendered = render_motion_sample(
+                src, eye, num_targets=count, crop_size=crop, rng=rng, config=self.motion,
+                scale=scale, face_size=face, crop_origin=origin,
+                target_index=None if self.return_moments else rank)
+            pick = rank if self.return_moments else 0
+            sample.update(sharp=rendered["moments"][pick], u=rendered["u"][pick],
+                          blurry=rendered["blurry"], is_motion=torch.tensor(True))
+            if self.return_moments:
+                sample.update(moments=rendered["moments"], moment_u=rendered["u"])
+        else:
+            transform = self._transform(rng, image.shape[:2])
+            sharp = _image_tensor(transform.apply_image(image))
+            kernel, _ = sample_kernel(rng, self._face_size(analysis, transform.scale_xy[0],
+                                                           crop), self.degradation)
+            mask = None
+            if rng.random() < self.degradation.face_only_prob:
+                masks = render_masks(analysis, transform, soft=True, feather=self.feather)
+                mask = torch.from_numpy(masks["face_soft"])[None, None]
+            with torch.no_grad():
+                blurry = ops.blur_synthesize(sharp[None], kernel[None], mask=mask)[0]
+            sample.update(sharp=sharp, u=torch.tensor(0.5), blurry=blurry,
+                          is_motion=torch.tensor(False))
+        sample["blurry"], _ = degrade(sample["blurry"], rng, self.degradation)
+        return sample
+
+
 def run_synthesizer(synthesizer: Synthesizer, images: torch.Tensor,
                     mask: torch.Tensor | None, seed: int, *, return_info: bool = False):
     """Call ``synthesizer(images, mask=..., return_info=...)`` deterministically for ``seed``.

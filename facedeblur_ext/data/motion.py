@@ -69,7 +69,7 @@ class MotionConfig:
                                  f"{getattr(self, name)}")
         if self.path_length[0] < 0 or self.anxiety[0] < 0:
             raise ValueError("path_length and anxiety must be non-negative")
-        if not -0.5 < self.scale_change[0] and self.scale_change[1] < 0.5:
+        if not (-0.5 < self.scale_change[0] and self.scale_change[1] < 0.5):
             raise ValueError(f"scale_change must lie in (-0.5, 0.5), got {self.scale_change}")
 
     @classmethod

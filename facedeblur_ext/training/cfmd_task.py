@@ -24,7 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..losses.cfmd import CFMDObjective, build_perceptual_loss
-from ..models.cfmd import CFMDGenerator, DiscriminatorOutput, UNetDiscriminator, image_pyramid
+from ..models.cfmd import (
+    CFMDGenerator,
+    DiscriminatorOutput,
+    UNetDiscriminator,
+    image_pyramid,
+    load_generator,
+)
 from ..nn.backend import resolve_backend
 from .face_data import build_face_datasets
 from .task import StepContext, Task
@@ -74,8 +80,14 @@ class CFMDTask(Task):
     def build_models(self) -> dict[str, nn.Module]:
         mcfg = self.config["model"]
         backend = resolve_backend(mcfg.get("backend"))
+        generator = CFMDGenerator(**mcfg.get("generator", {}), backend=backend)
+        if mcfg.get("init_checkpoint"):
+            # Fine-tuning: start from a trained generator (a training or an exported
+            # checkpoint). A resumed run then restores its own weights over these.
+            trained = load_generator(mcfg["init_checkpoint"])
+            generator.load_state_dict({k: v.float() for k, v in trained.state_dict().items()})
         return {
-            "generator": CFMDGenerator(**mcfg.get("generator", {}), backend=backend),
+            "generator": generator,
             "discriminator": UNetDiscriminator(**mcfg.get("discriminator", {})),
         }
 

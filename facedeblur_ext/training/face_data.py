@@ -89,10 +89,7 @@ def build_face_datasets(config: dict):
     from ..data import FaceAnalyzer
 
     data = config.get("data") or {}
-    if not data.get("blur"):
-        raise ValueError("data.blur is not set: training needs a blur synthesizer, a "
-                         "{class, args} table such as facedeblur_ext.nn:BlurSynthesizer")
-    synthesizer = instantiate(data["blur"])
+    synthesizer = instantiate(data["blur"]) if data.get("blur") else None
     analyzer = FaceAnalyzer(**(data.get("analyzer") or {}))
     train_files, val_files = split_image_folder(data)
     seed = int(config.get("seed", 0))
@@ -106,5 +103,8 @@ def build_face_datasets(config: dict):
         return instantiate(spec, synthesizer=synthesizer, analyzer=analyzer)
 
     train = dataset(data["train"], train_files)
+    if synthesizer is None and getattr(type(train), "uses_synthesizer", True):
+        raise ValueError("data.blur is not set: training needs a blur synthesizer, a "
+                         "{class, args} table such as facedeblur_ext.nn:BlurSynthesizer")
     val = dataset(data["val"], val_files) if data.get("val") and val_files else None
     return train, val
