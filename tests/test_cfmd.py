@@ -602,3 +602,22 @@ def test_cuda_amp_training_steps(tmp_path, amp):
                       "val.at_end=true")
     result = Trainer(cfg).fit()
     assert result["step"] == 3 and np.isfinite(result["last_val"]["psnr"])
+
+
+def test_init_checkpoint_starts_from_a_trained_generator(tmp_path):
+    cfg = load_config("cfmd", TINY_CONFIG, [f"model.backend={BACKEND_NAME}"])
+    trained = CFMDTask(cfg, torch.device("cpu")).build_models()["generator"]
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))
+    # the exported form: float16 weights of the generator only
+    path = tmp_path / "exported.pt"
+    torch.save({"format": 1, "task": "cfmd", "config": cfg,
+                "models": {"generator": {k: v.half() for k, v in
+                                         trained.state_dict().items()}}}, path)
+    fresh = CFMDTask(cfg, torch.device("cpu")).build_models()["generator"]
+    tuned = CFMDTask(apply_overrides(cfg, [f"model.init_checkpoint={path}"]),
+                     torch.device("cpu")).build_models()["generator"]
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[name], value.half().float())
+    assert not any(torch.equal(a, b) for a, b in zip(fresh.parameters(), tuned.parameters()))
