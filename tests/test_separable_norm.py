@@ -164,6 +164,88 @@ def test_large_mean_float32_is_accurate():
     torch.testing.assert_close(xg.grad.double(), x64.grad, atol=5e-3, rtol=5e-3)
 
 
+def nonfinite_problem(case, device, dtype):
+    """x and masks with one kind of non-finite value, and the statistics that must come out NaN.
+
+    [2, 3, 40, 40] with 3 regions: region 1 is the first six rows only (pixels < 240, one
+    512-pixel CPU chunk), regions 0 and 2 share the rest; region 2 is empty in sample 1.
+
+    Returns:
+        x, masks and nan_stats ([N, C, R] bool): every non-empty region of a plane holding a
+        NaN or Inf anywhere (zero-weight pixels included), and region r of every channel where
+        masks[n, r] holds one.
+    """
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, 2, (2, 40, 40), generator=gen) * 2
+    labels[:, :6] = 1
+    masks = ref.labels_to_masks(labels, 3, dtype=torch.float64)
+    masks[1, 2] = 0
+    x = features(2, 3, 40, 40)
+    nan_stats = torch.zeros(2, 3, 3, dtype=torch.bool)
+    non_empty = masks.sum(dim=(2, 3)) > 0  # [N, R]
+    inf, nan = float("inf"), float("nan")
+    if case == "inf-in-region":
+        x[0, 1, 20, 20] = inf
+        nan_stats[0, 1] = non_empty[0]
+    elif case == "inf-under-zero-weight":
+        # Region 1 has weight 0 at the last pixel, in another chunk: its statistics are NaN too.
+        x[0, 1, 39, 39] = inf
+        nan_stats[0, 1] = non_empty[0]
+    elif case == "both-infinities":
+        x[0, 0, 10, 10], x[0, 0, 30, 30] = inf, -inf
+        nan_stats[0, 0] = non_empty[0]
+    elif case == "nan-with-empty-region":
+        x[1, 2, 3, 3] = nan
+        nan_stats[1, 2] = non_empty[1]  # region 2 is empty in sample 1: it stays empty
+    elif case == "nan-mask":
+        masks[1, 0, 25, 25] = nan
+        nan_stats[1, :, 0] = True
+    elif case == "inf-mask":
+        masks[0, 2, 25, 25] = inf
+        nan_stats[0, :, 2] = True
+    elif case == "no-region":
+        masks[1] = 0  # nothing to normalize in sample 1: out = beta, the Inf reaches nothing
+        x[1, 0, 5, 5] = inf
+    return x.to(device, dtype), masks.to(device, dtype), nan_stats.to(device)
+
+
+NONFINITE_CASES = ["inf-in-region", "inf-under-zero-weight", "both-infinities",
+                   "nan-with-empty-region", "nan-mask", "inf-mask", "no-region"]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("case", NONFINITE_CASES)
+def test_non_finite_values_propagate_like_the_reference(device, case):
+    """NaN and Inf make the statistics of the regions they reach NaN, and so the whole output
+    plane and its gradients, the same on every device, independent of how pixels are chunked."""
+    for dtype in dtypes_for(device):
+        x, masks, nan_stats = nonfinite_problem(case, device, dtype)
+        gamma = torch.randn(2, 3, 40, 40, device=device, dtype=dtype)
+        beta = torch.randn(1, 3, 1, 1, device=device, dtype=dtype)
+        out, mean, rstd = FWD(x, masks, gamma, beta, 1e-5)
+        assert torch.equal(mean.isnan(), nan_stats) and torch.equal(rstd.isnan(), nan_stats)
+        assert torch.isfinite(mean[~nan_stats]).all() and torch.isfinite(rstd[~nan_stats]).all()
+        nan_planes = nan_stats.any(dim=2)[..., None, None].expand(out.shape)
+        assert torch.equal(out.isnan(), nan_planes), dtype
+        want = reference(x, masks, gamma, beta)
+        torch.testing.assert_close(out.double(), want, equal_nan=True, **TOL[dtype])
+
+        weights = torch.randn(x.shape, device=device, dtype=torch.float64)
+        leaves = [t.clone().requires_grad_() for t in (x, masks, gamma, beta)]
+        grads = torch.autograd.grad((ops.separable_norm(*leaves) * weights.to(dtype)).sum(),
+                                    leaves)
+        leaves64 = [t.double().requires_grad_() for t in (x, masks, gamma, beta)]
+        want_grads = torch.autograd.grad((ref.separable_norm(*leaves64) * weights).sum(),
+                                         leaves64)
+        tol = dict(TOL[dtype])
+        if dtype in (torch.float16, torch.bfloat16):
+            tol = dict(atol=0.3, rtol=0.1)  # mask gradients sum over channels
+        for name, a, b in zip(("x", "masks", "gamma", "beta"), grads, want_grads):
+            torch.testing.assert_close(a.double(), b, equal_nan=True, **tol,
+                                       msg=lambda m, at=f"{case} {dtype} {name}": f"{at}: {m}")
+        assert torch.equal(grads[0].isnan(), nan_planes)  # NaN reaches the gradient too
+
+
 # --------------------------------------------------------------------------------------------
 # Gradients
 

@@ -7,6 +7,13 @@
 // running mean), then the chunk's centred second moment; chunks are merged with Chan's
 // parallel-variance formula in float64.
 //
+// Non-finite values: a region's sums run over every pixel of the plane, zero-weight ones
+// included (0 * Inf = NaN), whatever the chunking. So a NaN or Inf anywhere in x[n, c] makes
+// the statistics (mean and rstd) of every non-empty region of plane (n, c) NaN, one in
+// masks[n, r] those of region r in every channel; either way the whole output plane is NaN.
+// Empty regions (mass 0) stay empty and contribute nothing. facedeblur_ref and the CUDA
+// kernels follow the same rule.
+//
 // The backward does the same per plane: one sweep for the per-region sums it needs, one from
 // cache for the gradients. The mask gradient is a sum over channels; tasks cover (sample,
 // channel group) pairs and accumulate into per-group buffers that are summed in a fixed order,
@@ -32,6 +39,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common/checks.h"
@@ -97,7 +105,12 @@ FACEDEBLUR_CPU_CLONES void plane_stats(const scalar_t* x, const scalar_t* masks,
         sw += mc[i];
         swd += mc[i] * (xc[i] - shift);
       }
-      if (sw == scalar_t(0)) continue;
+      if (sw == scalar_t(0)) {
+        // Skipped, but a non-finite x under zero weight made swd NaN: carry it into m2 (0 * a
+        // finite swd adds nothing), so the result does not depend on where chunks fall.
+        acc.m2 += static_cast<double>(swd) * 0.0;
+        continue;
+      }
       const scalar_t chunk_mean = shift + swd / sw;
       scalar_t m2 = 0;
 #pragma omp simd reduction(+ : m2)
@@ -107,13 +120,19 @@ FACEDEBLUR_CPU_CLONES void plane_stats(const scalar_t* x, const scalar_t* masks,
       }
       acc.merge(sw, chunk_mean, m2);
     }
-    if (acc.w > 0.0) {
-      const double var = std::max(acc.m2 / acc.w, 0.0);
-      mean[r] = static_cast<scalar_t>(acc.mean);
-      rstd[r] = static_cast<scalar_t>(1.0 / std::sqrt(var + eps));
-    } else {  // empty region: contributes nothing anywhere
+    if (acc.w <= 0.0) {  // empty region: contributes nothing anywhere
       mean[r] = 0;
       rstd[r] = 0;
+      continue;
+    }
+    // Also reached by a NaN mass. A non-finite value met on the way leaves the mean non-finite
+    // or m2 NaN; both statistics are then NaN (rstd must not become 0, the empty marker).
+    const double var = acc.m2 / acc.w;
+    if (std::isfinite(acc.mean) && !std::isnan(var)) {
+      mean[r] = static_cast<scalar_t>(acc.mean);
+      rstd[r] = static_cast<scalar_t>(1.0 / std::sqrt(std::max(var, 0.0) + eps));
+    } else {
+      mean[r] = rstd[r] = std::numeric_limits<scalar_t>::quiet_NaN();
     }
   }
 }

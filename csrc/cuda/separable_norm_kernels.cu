@@ -19,6 +19,10 @@
 // Thread mapping: NCHW units put a warp along pixels (coalesced within a plane); NHWC units put
 // a warp along 32 channels of one pixel (coalesced within a pixel's channel vector) and the
 // block's 8 warps along pixels, so both layouts are read at full width without a transpose.
+// Non-finite values follow the CPU kernels' rule (csrc/cpu/separable_norm_cpu.cpp): a batch of
+// zero weight still carries a NaN (0 * inf) into m2, so a NaN or Inf in a plane makes the
+// statistics of its non-empty regions NaN however pixels are batched and split; empty regions
+// (rstd 0) add nothing anywhere.
 #include "cuda/separable_norm_kernels.h"
 #include "cuda/device_types.cuh"
 
@@ -26,6 +30,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 
 namespace facedeblur::cuda::snorm {
@@ -89,8 +94,14 @@ struct Moments {
 // Chan et al.: fold (wb, mean_b, m2_b) into a.
 template <typename Acc>
 __device__ __forceinline__ void merge(Moments<Acc>& a, Acc wb, Acc mean_b, Acc m2_b) {
+  if (wb == Acc(0)) {
+    // Nothing to fold in, but a NaN m2_b (a non-finite x under zero weight) carries over;
+    // otherwise m2_b is 0.
+    a.m2 += m2_b;
+    return;
+  }
   const Acc total = a.w + wb;
-  if (wb == Acc(0) || total == Acc(0)) return;
+  if (total == Acc(0)) return;
   const Acc delta = mean_b - a.mean;
   const Acc frac = wb / total;
   a.mean += delta * frac;
@@ -217,12 +228,16 @@ __global__ void __launch_bounds__(kThreads)
           wv[k] = ok[k] ? to_acc(mask_p[static_cast<int64_t>(k) * t.p_step]) : Acc(0);
           bw += wv[k];
         }
-        if (bw != Acc(0)) {
-          // Deviations from a shift near the mean keep the batch sum free of a large offset.
-          const Acc shift = st[r].w > Acc(0) ? st[r].mean : xv[0];
-          Acc bs = Acc(0);
+        // Deviations from a shift near the mean keep the batch sum free of a large offset.
+        const Acc shift = st[r].w > Acc(0) ? st[r].mean : xv[0];
+        Acc bs = Acc(0);
 #pragma unroll
-          for (int k = 0; k < kBatch; ++k) bs += wv[k] * (xv[k] - shift);
+        for (int k = 0; k < kBatch; ++k) bs += wv[k] * (xv[k] - shift);
+        if (bw == Acc(0)) {
+          // Zero weight, but a non-finite x made bs NaN (0 * inf): carry it into m2 (0 * a
+          // finite bs adds nothing), so the result does not depend on how pixels are batched.
+          st[r].m2 += bs * Acc(0);
+        } else {
           const Acc bmean = shift + bs / bw;
           Acc bm2 = Acc(0);
 #pragma unroll
@@ -260,13 +275,19 @@ __global__ void __launch_bounds__(kThreads)
     const Moments<Acc> o = partial[s * NCR + i];
     merge(m, o.w, o.mean, o.m2);
   }
-  if (m.w > Acc(0)) {
-    const Acc var = max(m.m2 / m.w, Acc(0));
-    mean[i] = m.mean;
-    rstd[i] = Acc(1) / sqrt(var + eps);
-  } else {
+  if (m.w <= Acc(0)) {  // empty (a NaN mass is not: its statistics come out NaN)
     mean[i] = Acc(0);
     rstd[i] = Acc(0);
+    return;
+  }
+  // A non-finite value met on the way leaves the mean non-finite or m2 NaN: both statistics
+  // are then NaN, as on the CPU. (Not max(var, 0): CUDA's max drops a NaN operand.)
+  const Acc var = m.m2 / m.w;
+  if (m.mean - m.mean == Acc(0) && var == var) {
+    mean[i] = m.mean;
+    rstd[i] = Acc(1) / sqrt((var < Acc(0) ? Acc(0) : var) + eps);
+  } else {
+    mean[i] = rstd[i] = std::numeric_limits<Acc>::quiet_NaN();
   }
 }
 
@@ -308,7 +329,9 @@ __global__ void __launch_bounds__(kThreads)
     Acc y = Acc(0);
     for (int r = 0; r < R; ++r) {
       const Acc w = to_acc(mask_n[r * P + p]);
-      y += w * ((xv - my_mean[r * kLanes]) * my_rstd[r * kLanes]);
+      const Acc sr = my_rstd[r * kLanes];
+      // An empty region (rstd 0) adds nothing, also where x is not finite (not 0 * inf).
+      if (sr != Acc(0)) y += w * ((xv - my_mean[r * kLanes]) * sr);
     }
     if (gamma_nc != nullptr) y *= to_acc(gamma_nc[p * gamma.stride_p]);
     if (beta_nc != nullptr) y += to_acc(beta_nc[p * beta.stride_p]);
@@ -410,7 +433,7 @@ __global__ void __launch_bounds__(kThreads)
     dst[0] = present ? sums[1] / sums[0] : Acc(0);
     dst[1] = present ? sums[2] / sums[0] : Acc(0);
     dst[2] = Acc(1) - eps * s * s;
-    g_y += sums[3];
+    if (s != Acc(0)) g_y += sums[3];  // an empty region's sums may hold 0 * inf
   }
   if (gamma_plane_sums != nullptr) gamma_plane_sums[nc] = g_y;
   if (beta_plane_sums != nullptr) {
@@ -433,6 +456,10 @@ __device__ __forceinline__ void grad_element(Acc gv, Acc xv, Acc gy, const Acc (
   for (int r = 0; r < kMaxR; ++r) {
     if (r < R) {
       const Acc sr = s[r * stride];
+      if (sr == Acc(0)) {  // empty region: nothing, also where x is not finite (not 0 * inf)
+        if (kWantDmask) dm[r] = Acc(0);
+        continue;
+      }
       const Acc a = cf[(3 * r + 0) * stride], b = cf[(3 * r + 1) * stride];
       const Acc xh = (xv - mu[r * stride]) * sr;
       dx += w[r] * sr * (gy - a - b * xh);
@@ -562,12 +589,15 @@ __global__ void __launch_bounds__(kThreads)
       const Acc sr = my_rstd[r * kWarp];
       const Acc a = my_a[r * kWarp], b = my_b[r * kWarp];
       const Acc xh = (xv - my_mean[r * kWarp]) * sr;
-      dxv += w * sr * (gy - a - b * xh);
-      y += w * xh;
+      // An empty region (rstd 0) adds nothing, also where x is not finite (not 0 * inf).
+      const bool contributes = sr != Acc(0);
+      if (contributes) {
+        dxv += w * sr * (gy - a - b * xh);
+        y += w * xh;
+      }
       if constexpr (kWantDmask) {
-        // Inactive lanes hold gv = xv = 0 and zero coefficients: they add 0.
         Acc v = xh * (gy - a) - Acc(0.5) * b * (xh * xh - my_k[r * kWarp]);
-        if (!active) v = Acc(0);
+        if (!active || !contributes) v = Acc(0);
 #pragma unroll
         for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(kFullMask, v, o);
         if (lane == 0) {

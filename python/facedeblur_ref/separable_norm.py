@@ -38,6 +38,12 @@ def separable_norm(
     A region with zero mass contributes nothing and receives no gradient. Masks are expected to
     be non-negative.
 
+    Non-finite values propagate as the formula says with IEEE arithmetic, zero weights included
+    (``0 * inf`` is NaN): a NaN or Inf anywhere in ``x[n, c]`` makes the statistics of every
+    non-empty region of that plane NaN, one in ``masks[n, r]`` those of region r (its mass is
+    NaN, which does not count as empty); either way the whole output plane ``(n, c)`` is NaN,
+    and so are the gradients that depend on it. The fused CPU and CUDA kernels follow this rule.
+
     Args:
         x: [N, C, H, W].
         masks: [N, R, H, W], binary or soft.
@@ -50,14 +56,16 @@ def separable_norm(
     xs = x.unsqueeze(2)  # [N, C, 1, H, W]
     m = masks.to(x.dtype).unsqueeze(1)  # [N, 1, R, H, W]
     mass = m.sum(dim=(-2, -1), keepdim=True)  # [N, 1, R, 1, 1]
-    present = mass > 0
+    present = ~(mass <= 0)  # a NaN mass is present: its statistics come out NaN
     # An empty region is dropped, gradient included: the function has no derivative there
-    # (the region's mean depends on the direction in which mass appears).
+    # (the region's mean depends on the direction in which mass appears). It sees x as zeros,
+    # so that a non-finite x does not reach it through 0 * inf.
     m = torch.where(present, m, torch.zeros_like(m))
+    xr = torch.where(present, xs, torch.zeros_like(xs))  # [N, C, R, H, W]
     safe_mass = torch.where(present, mass, torch.ones_like(mass))
-    mu = (m * xs).sum(dim=(-2, -1), keepdim=True) / safe_mass
-    var = (m * (xs - mu) ** 2).sum(dim=(-2, -1), keepdim=True) / safe_mass
-    normalized = (m * (xs - mu) / torch.sqrt(var + eps)).sum(dim=2)
+    mu = (m * xr).sum(dim=(-2, -1), keepdim=True) / safe_mass
+    var = (m * (xr - mu) ** 2).sum(dim=(-2, -1), keepdim=True) / safe_mass
+    normalized = (m * (xr - mu) / torch.sqrt(var + eps)).sum(dim=2)
     out = normalized
     if gamma is not None:
         out = out * gamma
