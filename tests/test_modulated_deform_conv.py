@@ -192,15 +192,84 @@ def test_channels_last():
     assert grad_input.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_offsets_far_outside_give_bias_only():
+@pytest.mark.parametrize("far", [1e4, -1e4, float("inf"), -float("inf")])
+def test_offsets_far_outside_give_bias_only(far):
+    """Infinite offsets are just outside, as in torchvision: bias only, zero gradients."""
     case = Case()
-    x, offset, weight, bias, mask = case.tensors(requires_grad=False)
-    far = torch.full_like(offset, 1e4)
-    out = case.call(modulated_deform_conv2d, x, far, weight, bias, mask)
+    x, offset, weight, bias, mask = case.tensors()
+    offset = torch.full_like(offset, far).requires_grad_()
+    out = case.call(modulated_deform_conv2d, x, offset, weight, bias, mask)
     torch.testing.assert_close(out, bias.view(1, -1, 1, 1).expand_as(out))
-    nan = torch.full_like(offset, float("nan"))  # NaN offsets sample nothing, like torchvision
-    out = case.call(modulated_deform_conv2d, x, nan, weight, bias, mask)
-    torch.testing.assert_close(out, bias.view(1, -1, 1, 1).expand_as(out))
+    grads = torch.autograd.grad(out.sum(), (x, offset, mask, weight))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def _non_finite_problem(kind, dtype, device):
+    """Case tensors (leaves) with one kind of NaN, and the output pixels it must reach.
+
+    Offset group 1 of image 0 at output pixel (4, 5) gets the NaN (tap 4, the centre, samples
+    inside the image), or input channel 9 (offset group 1) at (4, 5) does.
+    """
+    case = CASES["groups_and_offset_groups"]  # 12 -> 6 channels, groups 3, offset groups 2
+    x, offset, weight, bias, mask = (t.detach() for t in case.tensors(dtype=dtype,
+                                                                       device=device))
+    offset = offset * 0.2  # keep the centre tap of pixel (4, 5) inside the image
+    nan = float("nan")
+    ch = 9 + 4  # offset group 1, tap 4
+    if kind == "nan-offset-y":
+        offset[0, 2 * ch, 4, 5] = nan
+    elif kind == "nan-offset-x":
+        offset[0, 2 * ch + 1, 4, 5] = nan
+    elif kind == "nan-offsets":
+        offset[0, 2 * ch : 2 * ch + 2, 4, 5] = nan
+    elif kind == "nan-mask":
+        mask[0, ch, 4, 5] = nan
+    elif kind == "nan-mask-outside":
+        # Pixel (0, 0)'s tap 0 samples near (-1, -1): outside, but mask * 0 is still NaN.
+        offset[0, 18:20, 0, 0] = -0.5
+        mask[0, 9, 0, 0] = nan
+    elif kind == "nan-input":
+        x[0, 9, 4, 5] = nan
+    # Offset group 1 feeds input channels 6..11: conv groups 1 and 2 (output channels 2..5).
+    return case, [t.requires_grad_() for t in (x, offset, weight, bias, mask)]
+
+
+NON_FINITE_KINDS = ["nan-offset-y", "nan-offset-x", "nan-offsets", "nan-mask",
+                    "nan-mask-outside", "nan-input"]
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("kind", NON_FINITE_KINDS)
+def test_nan_inputs_reach_output_and_gradients(device, kind):
+    """A NaN in input, offset or mask makes the output pixels that sample it NaN, with NaN
+    gradients for the mask, the weight and the offsets its fraction enters, as torchvision
+    does; a NaN sampling point gives the input no gradient (torchvision neither)."""
+    dtypes = [torch.float64, torch.float32] + ([torch.float16] if device == "cuda" else [])
+    for dtype in dtypes:
+        case, tensors = _non_finite_problem(kind, dtype, device)
+        x, offset, weight, bias, mask = tensors
+        ours = case.call(modulated_deform_conv2d, *tensors)
+        ref = case.call(facedeblur_ref.modulated_deform_conv2d, *tensors)
+        tol = TOLERANCES[dtype]
+        torch.testing.assert_close(ours, ref, equal_nan=True, **tol)
+        nan_pixels = ours.isnan().any(dim=1)[0]
+        assert nan_pixels.any(), (kind, dtype)
+        assert not ours[1].isnan().any()  # image 1 is untouched
+        assert not ours[0, :2].isnan().any()  # conv group 0 reads offset group 0 only
+        if kind != "nan-input":  # one sampling point: one output pixel
+            assert nan_pixels.sum() == 1
+        grad = torch.randn(ours.shape, generator=torch.Generator().manual_seed(7)).to(ours)
+        got = _grads(ours, tensors, grad)
+        want = _grads(ref, tensors, grad)
+        for name, a, b in zip(("input", "offset", "weight", "bias", "mask"), got, want):
+            torch.testing.assert_close(a, b, equal_nan=True, **tol,
+                                       msg=lambda m, at=f"{kind} {dtype} {name}": f"{at}: {m}")
+        g_input, g_offset, g_weight, _, g_mask = got
+        assert g_weight.isnan().any() and g_offset.isnan().any()
+        if kind.startswith("nan-offset"):
+            assert torch.isfinite(g_input).all()
+            assert g_mask.isnan().sum() == 1
 
 
 def test_zero_offsets_unit_mask_equal_conv2d():

@@ -62,7 +62,7 @@ constexpr int64_t kTileElements = int64_t{1} << 17;
 template <typename T>
 struct Sample {
   int64_t row[4];  // neighbours (y0,x0) (y0,x0+1) (y0+1,x0) (y0+1,x0+1) as y*W+x; -1 = outside
-  T ly, lx;        // fractional position inside the 2x2 cell
+  T ly, lx;        // fractional position inside the 2x2 cell (0 outside; NaN for a NaN coordinate)
   T m;             // modulation (1 for DCNv1)
 };
 
@@ -147,10 +147,14 @@ void compute_samples(const Problem<T>& p, int64_t n, int64_t p0, int64_t count,
         const T x = static_cast<T>(base_x + kx * g.dil_w) + off[(2 * ch + 1) * p.off_stride[1]];
         Sample<T>& s = out[(t * g.offset_groups + og) * taps + k];
         s.m = msk ? msk[ch * p.mask_stride[1]] : T(1);
-        // Zero outside the open box (-1, H) x (-1, W), torchvision's rule; NaN lands here too.
+        // Zero outside the open box (-1, H) x (-1, W), torchvision's rule. A NaN coordinate
+        // lands here too and keeps its NaN fraction, so that (as in torchvision) the bilinear
+        // formula over four zero neighbours gives a NaN sample, and NaN gradients for the
+        // mask, the weight and the offsets the fraction enters; none reach the input.
         if (!(y > T(-1) && y < height && x > T(-1) && x < width)) {
           s.row[0] = s.row[1] = s.row[2] = s.row[3] = -1;
-          s.ly = s.lx = T(0);
+          s.ly = std::isnan(y) ? y : T(0);
+          s.lx = std::isnan(x) ? x : T(0);
           continue;
         }
         const T yf = std::floor(y), xf = std::floor(x);
@@ -289,14 +293,15 @@ FACEDEBLUR_SIMD_CLONES void backward_samples(const Problem<T>& p, int64_t n, int
             const T gx = s.m * (hy * (a1 - a0) + s.ly * (a3 - a2));
             T* go = out.grad_offset + n * out.goff_stride[0] + ho * out.goff_stride[2] +
                     wo * out.goff_stride[3];
-            go[(2 * ch) * out.goff_stride[1]] = outside ? T(0) : gy;
-            go[(2 * ch + 1) * out.goff_stride[1]] = outside ? T(0) : gx;
+            // Outside the image the dot products are 0: gy = gx = 0 unless the mask or a
+            // fraction is not finite (then NaN, as in torchvision).
+            go[(2 * ch) * out.goff_stride[1]] = gy;
+            go[(2 * ch + 1) * out.goff_stride[1]] = gx;
           }
           if (out.grad_mask) {
             const T gm = cw0 * a0 + cw1 * a1 + cw2 * a2 + cw3 * a3;
             out.grad_mask[n * out.gmask_stride[0] + ch * out.gmask_stride[1] +
-                          ho * out.gmask_stride[2] + wo * out.gmask_stride[3]] =
-                outside ? T(0) : gm;
+                          ho * out.gmask_stride[2] + wo * out.gmask_stride[3]] = gm;
           }
         }
       }

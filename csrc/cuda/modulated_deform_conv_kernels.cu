@@ -22,8 +22,9 @@ constexpr int kWarp = 32;
 template <typename acc_t>
 struct Tap {
   int row[4] = {-1, -1, -1, -1};  // (y0,x0) (y0,x0+1) (y0+1,x0) (y0+1,x0+1) as y*W+x; -1 = none
-  acc_t ly = 0, lx = 0, m = 1;
-  bool outside = true;  // no neighbour inside the image: value and gradients are zero
+  acc_t ly = 0, lx = 0, m = 1;  // ly, lx: 0 outside, NaN for a NaN coordinate
+  bool outside = true;  // no neighbour inside the image: value and gradients are zero, unless
+                        // the mask or a fraction is NaN (then NaN, as in torchvision)
 };
 
 template <typename scalar_t, typename acc_t>
@@ -47,10 +48,13 @@ __device__ __forceinline__ Tap<acc_t> load_tap(const MdcShape& s, const MdcInput
                        wo * in.mask_stride[3]]);
   }
   const acc_t height = static_cast<acc_t>(s.height), width = static_cast<acc_t>(s.width);
-  // Zero outside the open box (-1, H) x (-1, W), torchvision's rule; NaN lands here too.
+  // Zero outside the open box (-1, H) x (-1, W), torchvision's rule. A NaN coordinate lands
+  // here too and keeps its NaN fraction, so that the bilinear formula over four zero
+  // neighbours gives a NaN sample and NaN gradients (the CPU kernel's rule).
   if (!(y > acc_t(-1) && y < height && x > acc_t(-1) && x < width)) {
     tap.row[0] = tap.row[1] = tap.row[2] = tap.row[3] = -1;
-    tap.ly = tap.lx = acc_t(0);
+    tap.ly = y != y ? y : acc_t(0);
+    tap.lx = x != x ? x : acc_t(0);
     tap.outside = true;
     return tap;
   }
@@ -100,7 +104,8 @@ __global__ void gather_columns_kernel(MdcShape s, MdcInputs in, MdcTile tile,
     acc_t v = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      if (tap.row[j] >= 0) v += w[j] * to_acc(plane[tap.row[j]]);
+      // The neighbour outside reads 0 and still adds w * 0: NaN for a NaN weight.
+      v += w[j] * (tap.row[j] >= 0 ? to_acc(plane[tap.row[j]]) : acc_t(0));
     }
     dst[c * taps * tile.pixels] = from_acc<scalar_t>(v);
   }
@@ -184,18 +189,17 @@ __global__ void backward_samples_kernel(MdcShape s, MdcInputs in, MdcTile tile,
       if (out.grad_offset != nullptr) {
         const acc_t hy = acc_t(1) - tap.ly, hx = acc_t(1) - tap.lx;
         // d(bilinear)/dy and d/dx written through the neighbours' dot products.
-        const acc_t gy = tap.outside ? acc_t(0)
-                                     : tap.m * (hx * (a[2] - a[0]) + tap.lx * (a[3] - a[1]));
-        const acc_t gx = tap.outside ? acc_t(0)
-                                     : tap.m * (hy * (a[1] - a[0]) + tap.ly * (a[3] - a[2]));
+        // Outside the image the dot products are 0: gy = gx = 0 unless the mask or a
+        // fraction is not finite (then NaN, as in torchvision).
+        const acc_t gy = tap.m * (hx * (a[2] - a[0]) + tap.lx * (a[3] - a[1]));
+        const acc_t gx = tap.m * (hy * (a[1] - a[0]) + tap.ly * (a[3] - a[2]));
         scalar_t* go = static_cast<scalar_t*>(out.grad_offset) + n * out.grad_offset_stride[0] +
                        ho * out.grad_offset_stride[2] + wo * out.grad_offset_stride[3];
         go[(2 * ch) * out.grad_offset_stride[1]] = from_acc<scalar_t>(gy);
         go[(2 * ch + 1) * out.grad_offset_stride[1]] = from_acc<scalar_t>(gx);
       }
       if (out.grad_mask != nullptr) {
-        const acc_t gm =
-            tap.outside ? acc_t(0) : cw[0] * a[0] + cw[1] * a[1] + cw[2] * a[2] + cw[3] * a[3];
+        const acc_t gm = cw[0] * a[0] + cw[1] * a[1] + cw[2] * a[2] + cw[3] * a[3];
         static_cast<scalar_t*>(out.grad_mask)[n * out.grad_mask_stride[0] +
                                               ch * out.grad_mask_stride[1] +
                                               ho * out.grad_mask_stride[2] +

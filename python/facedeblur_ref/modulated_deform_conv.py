@@ -25,9 +25,16 @@ def bilinear_sample_zero_padded(image: Tensor, y: Tensor, x: Tensor) -> Tensor:
 
     Returns:
         [B, C, P]. A point with ``y <= -1``, ``y >= H``, ``x <= -1`` or ``x >= W`` gives 0; inside
-        that range each of the four neighbours outside the image counts as 0.
+        that range each of the four neighbours outside the image counts as 0. A NaN coordinate
+        gives NaN, as in torchvision: its four neighbours count as 0 and its NaN fraction makes
+        the bilinear weights NaN (so is the gradient of the other coordinate; the image gets
+        none); an infinite one is just outside.
     """
     B, C, H, W = image.shape
+    # An infinite coordinate becomes -2, outside the image, so that its fraction y - floor(y) is
+    # not inf - inf = NaN (a select: a NaN coordinate keeps its gradient, clamp would drop it).
+    y = torch.where(y.isinf(), -2.0, y)
+    x = torch.where(x.isinf(), -2.0, x)
     inside = (y > -1) & (y < H) & (x > -1) & (x < W)
     y0 = torch.floor(y)
     x0 = torch.floor(x)
@@ -45,9 +52,10 @@ def bilinear_sample_zero_padded(image: Tensor, y: Tensor, x: Tensor) -> Tensor:
             xi = x0i + dx
             valid = inside & (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
             index = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).unsqueeze(1).expand(B, C, -1)
-            vals = torch.gather(flat, 2, index)
-            weight = (wy * wx * valid.to(image.dtype)).unsqueeze(1)
-            out = out + vals * weight
+            # Neighbours outside read 0 (selected, not multiplied by 0, so that a NaN weight
+            # still gives NaN and the image gets no gradient through it).
+            vals = torch.where(valid.unsqueeze(1), torch.gather(flat, 2, index), 0)
+            out = out + vals * (wy * wx).unsqueeze(1)
     return out
 
 
