@@ -54,6 +54,27 @@ def test_an_override_adding_an_unknown_trainer_key_is_refused(override, suggesti
         load_config("cfmd", None, [override])
 
 
+def test_an_override_value_yaml_cannot_parse_is_a_string_unless_it_opens_yaml(cli_error,
+                                                                               capsys):
+    config = load_config("cfmd", None, ["data.pattern=*.jpg", "data.root=@faces", "seed= 3"])
+    assert config["data"]["pattern"] == "*.jpg" and config["data"]["root"] == "@faces"
+    assert config["seed"] == 3
+    from facedeblur_ext import cli
+
+    assert cli.main(["train", "cfmd", "data.pattern=*.jpg", "--print-config"]) == 0
+    assert "pattern: '*.jpg'" in capsys.readouterr().out
+    for value in ("[1, 2", "{enabled: true", '"unclosed'):
+        message = cli_error(["train", "cfmd", f"train.ema={value}", "--print-config"])
+        assert message.startswith(f"override 'train.ema={value}': the value is not valid YAML")
+
+
+def test_a_config_file_with_a_yaml_error_is_one_line_naming_it(tmp_path, cli_error):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_size: [2\n")
+    message = cli_error(["train", "cfmd", "--config", bad, "--print-config"])
+    assert message.startswith(f"{bad} is not valid YAML: ") and "(line 3, column 1)" in message
+
+
 def test_a_stage_override_is_checked_like_the_top_level_table():
     with pytest.raises(ValueError, match="did you mean stages.deblur.train.max_steps"):
         load_config("snadnet", None, ["stages.deblur.train.max_stepz=3"])

@@ -34,6 +34,7 @@ the same kernels.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -205,8 +206,17 @@ def _check_same_recipe(out: Path, settings: dict) -> None:
                          "rerun with those settings to add to it, or pass a new --output folder")
 
 
-def _write_manifest(out: Path, settings: dict, skipped: list, counts: dict) -> None:
-    """manifest.json: ``settings``, the records on disk, ``skipped`` and ``counts``."""
+def _write_manifest(out: Path, settings: dict, skipped: list, counts: dict) -> int:
+    """manifest.json: ``settings``, the records on disk, ``skipped`` and ``counts``.
+
+    Returns:
+        The number of records listed.
+
+    Raises:
+        OSError: the write failed; on a full disk, naming the manifest.
+    """
+    from facedeblur_ext.training.checkpoint import disk_full_error
+
     records_dir = out / "records"
     records = []
     for path in sorted(records_dir.glob("*.json")) if records_dir.is_dir() else []:
@@ -214,9 +224,59 @@ def _write_manifest(out: Path, settings: dict, skipped: list, counts: dict) -> N
             records.append(json.loads(path.read_text()))
         except (OSError, ValueError):
             continue
-    _write_json(out / "manifest.json", {"settings": settings, "items": records,
-                                        "skipped": skipped,
-                                        "counts": {"items": len(records), **counts}})
+    manifest = out / "manifest.json"
+    try:
+        _write_json(manifest, {"settings": settings, "items": records, "skipped": skipped,
+                               "counts": {"items": len(records), **counts}})
+    except OSError as exc:
+        full = disk_full_error(exc, manifest)
+        if full is not None:
+            raise full from exc
+        raise
+    return len(records)
+
+
+def _listed_files(files) -> set[str]:
+    """The relative paths in a record's ``files`` (strings, lists and tables of them)."""
+    if isinstance(files, str):
+        return {files}
+    values = files.values() if isinstance(files, dict) else files
+    return set().union(*(_listed_files(v) for v in values)) if values else set()
+
+
+def _remove_partial_item(out: Path, since_ns: int) -> None:
+    """Delete the files of the item that the disk filled up in: those written since it began
+    (this process holds the folder: no other writer) that no record lists. That frees room
+    for the manifest; a rerun writes them again."""
+    listed = set()
+    for path in (out / "records").glob("*.json"):
+        try:
+            listed |= _listed_files(json.loads(path.read_text()).get("files") or {})
+        except (OSError, ValueError, AttributeError):
+            continue
+    for path in list(out.rglob("*")):
+        rel = path.relative_to(out)
+        if rel.parts[0] == "records" or len(rel.parts) == 1 or rel.as_posix() in listed:
+            continue  # (records, and the top level: manifest.json and the lock)
+        with contextlib.suppress(OSError):
+            if path.is_file() and path.stat().st_mtime_ns >= since_ns:
+                path.unlink()
+
+
+def _stop_on_full_disk(full: OSError, out: Path, settings: dict, skipped: list, made: int,
+                       done: int, item_started_ns: int) -> OSError:
+    """The error that ends a run on a full disk, after removing the failed item's files and
+    rewriting the manifest so that it lists the records on disk."""
+    _remove_partial_item(out, item_started_ns)
+    try:
+        listed = _write_manifest(out, settings, skipped,
+                                 {"made": made, "already_done": done, "skipped": len(skipped),
+                                  "failed": 0, "stopped": "disk full"})
+        manifest = f"manifest.json lists the {listed} items on disk"
+    except OSError:
+        manifest = "manifest.json is not updated (no space for it either)"
+    return OSError(full.errno, f"{full.strerror}; stopped after {made} new item(s), {manifest}; "
+                               "free space and rerun the same command to finish the set")
 
 
 class _SkipItem(Exception):
@@ -371,9 +431,26 @@ def _do_frames_item(args, name, spec, out, analyzer) -> dict:
 # ---- command -------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
+    """Write the data set, holding ``--output``'s lock (one writer per folder; a second one is
+    refused naming the holder's PID). Under the lock, the temporary files of a killed run are
+    removed first: its items without a record are made again.
+
+    Raises:
+        FolderLockedError: another process writes ``--output``.
+        OSError: the disk is full (after a manifest of the items made is written, if it can be).
+    """
+    from facedeblur_ext.training.lock import FolderLock, remove_orphan_temp_files
+
+    with FolderLock(args.output, "facedeblur synth"):
+        remove_orphan_temp_files(args.output)
+        return _write_data_set(args)
+
+
+def _write_data_set(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from facedeblur_ext.data.face import FaceAnalyzer
+    from facedeblur_ext.training.checkpoint import disk_full_error
 
     if not args.input.exists():
         print(f"facedeblur synth: input {args.input} does not exist", file=sys.stderr)
@@ -418,12 +495,16 @@ def run(args: argparse.Namespace) -> int:
             done += 1
             continue
         source_text = str(spec[0].describe(spec[1])) if args.mode == "frames" else str(spec)
+        # File times come from a coarse clock, up to a tick behind time_ns(): a second's margin
+        # (files of finished items are safe: their records list them).
+        item_started_ns = time.time_ns() - 1_000_000_000
         try:
             if args.mode == "frames":
                 record = _do_frames_item(args, name, spec, out, analyzer)
             else:
                 record = _do_kernel_item(args, name, spec, out, analyzer, synthesizer,
                                          face_only=args.mode == "face-only")
+            _write_json(record_path, record)
         except ImportError as exc:  # MediaPipe missing: every item would fail the same way
             bar.close()
             print(f"facedeblur synth: {exc}", file=sys.stderr)
@@ -433,12 +514,16 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"skipped {source_text}: {exc}", file=sys.stderr)
             continue
         except Exception as exc:  # report, keep going: one bad input must not stop a long run
+            full = disk_full_error(exc, f"item {name} in {out}")
+            if full is not None:  # except on a full disk: every other item would fail too
+                bar.close()
+                raise _stop_on_full_disk(full, out, settings, skipped, made, done,
+                                         item_started_ns) from exc
             failed += 1
             skipped.append({"item": name, "input": source_text,
                             "reason": f"failed: {type(exc).__name__}: {exc}"})
             tqdm.write(f"FAILED {source_text}: {type(exc).__name__}: {exc}", file=sys.stderr)
             continue
-        _write_json(record_path, record)
         made += 1
         bar.set_postfix(made=made, skipped=len(skipped))
     bar.close()

@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from facedeblur_ext.training import get_task, load_config
+    from facedeblur_ext.training.distributed import shutdown_distributed
     from facedeblur_ext.training.trainer import Trainer
 
     config = load_config(args.task, args.config, args.overrides)
@@ -72,18 +73,28 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config, sort_keys=False))
         return 0
     task = get_task(config["task"])
-    for run_config, resume in task.runs(config, args.resume):
-        result = Trainer(run_config, task=task, resume=resume, overwrite=args.overwrite).fit()
-        if result["stopped_by_signal"]:
-            print(f"stopped at step {result['step']}; checkpoint {result['checkpoint']} "
-                  f"(resume with --resume {result['checkpoint']})")
-            sig = result["stopped_by_signal"]
-            return 128 + sig if sig > 0 else 1
-        if result["checkpoint"] is not None:
-            print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
-            if result["last_val"]:
-                print("validation: " + describe_metrics(result["last_val"]))
-    return 0
+    finished = False
+    try:
+        for run_config, resume in task.runs(config, args.resume):
+            result = Trainer(run_config, task=task, resume=resume,
+                             overwrite=args.overwrite).fit()
+            if result["stopped_by_signal"]:
+                if result["checkpoint"] is not None:  # (rank 0 writes it)
+                    print(f"stopped at step {result['step']}; checkpoint "
+                          f"{result['checkpoint']} (resume with --resume {result['checkpoint']})")
+                finished = True  # every rank stopped at the same step
+                sig = result["stopped_by_signal"]
+                return 128 + sig if sig > 0 else 1
+            if result["checkpoint"] is not None:
+                print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
+                if result["last_val"]:
+                    print("validation: " + describe_metrics(result["last_val"]))
+        finished = True
+        return 0
+    finally:
+        # Under torchrun: every rank leaves the process group before the interpreter exits.
+        # After an error only this rank's side is closed (the others may never arrive).
+        shutdown_distributed(wait=finished)
 
 
 def describe_metrics(values: dict) -> str:

@@ -6,16 +6,37 @@ Checkpoints hold only tensors and plain Python values, so they load with
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_torch_save", "capture_rng_state", "export_inference_checkpoint",
-           "load_checkpoint", "restore_rng_state"]
+__all__ = ["atomic_torch_save", "capture_rng_state", "disk_full_error",
+           "export_inference_checkpoint", "load_checkpoint", "recover_interrupted_saves",
+           "restore_rng_state"]
+
+#: errno values of a full disk (or a full quota).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(exc: BaseException, path) -> OSError | None:
+    """An ``OSError`` naming ``path`` when ``exc`` (or an exception it was raised from, as
+    torch.save's ``RuntimeError`` is from the failed write) reports a full disk, else None.
+
+    A failed write to an open file reports no file name (``[Errno 28] No space left on
+    device``): this is the message that says which file, and so which disk."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return OSError(seen.errno, f"{os.strerror(seen.errno)} (writing {path})")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def atomic_torch_save(obj, path) -> Path:
@@ -30,9 +51,12 @@ def atomic_torch_save(obj, path) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        full = disk_full_error(exc, path)
+        if full is not None:
+            raise full from exc
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -43,6 +67,43 @@ def atomic_torch_save(obj, path) -> Path:
     except OSError:
         pass
     return path
+
+
+def recover_interrupted_saves(folder) -> list[str]:
+    """Deal with the temporary files that a killed :func:`atomic_torch_save` left in
+    ``folder``; call it only while holding the run folder's lock (no save in progress).
+
+    A temporary file that loads as a checkpoint with a larger step than the file it was going
+    to replace (or replaces a missing one) was complete, only its rename was lost: it is
+    renamed into place. Every other one (empty, truncated, not newer) is deleted.
+
+    Returns:
+        One line per file, saying what was done.
+    """
+    from .lock import orphan_temp_files, temp_target
+
+    actions = []
+    for tmp in orphan_temp_files(folder, recursive=False):
+        target = temp_target(tmp)
+        step, newer = None, False
+        if target.suffix == ".pt":
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                step = int(load_checkpoint(tmp)["step"])  # None: empty or truncated
+        if step is not None:
+            try:
+                newer = step > int(load_checkpoint(target)["step"])
+            except (OSError, ValueError, KeyError, TypeError):
+                newer = True  # no target, or an unreadable one: the complete file is better
+        if newer:
+            os.replace(tmp, target)
+            actions.append(f"{tmp.name}: a complete checkpoint (step {step}) whose rename "
+                           f"was interrupted, now {target.name}")
+        else:
+            tmp.unlink(missing_ok=True)
+            actions.append(f"{tmp.name}: removed (incomplete or not newer than {target.name})")
+    for line in actions:
+        print(f"[recover] {folder}: {line}", file=sys.stderr)
+    return actions
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

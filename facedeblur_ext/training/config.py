@@ -2,7 +2,10 @@
 
 Overrides are ``dotted.key=value`` strings; the value is parsed as YAML, so ``8``, ``1e-4``,
 ``true``, ``null``, ``[32, 64]`` and ``{a: 1}`` have their natural types and anything else is a
-string. ``a.b=...`` creates missing intermediate tables.
+string. A value YAML cannot parse is taken as the plain string it is (``data.pattern=*.jpg``,
+where YAML would read ``*`` as an alias), unless it begins like a YAML list, table or quoted
+string (``[``, ``{``, ``"``, ``'``): then it is a typo, refused with a one-line ``ValueError``.
+``a.b=...`` creates missing intermediate tables.
 
 **Which new keys an override may create.** The tables read by the shared trainer and the data
 split (the top level, ``train``, ``val``, ``optim``, ``distributed``, ``data``; the same tables
@@ -66,16 +69,56 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
 
 
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: the problem and where (PyYAML's own message spans
+    several lines, with the offending text and a caret)."""
+    problem = getattr(exc, "problem", None)
+    if problem is None:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
+def parse_override_value(item: str, raw: str):
+    """The value of the override ``item`` (``key=raw``): see the module docstring.
+
+    Raises:
+        ValueError: ``raw`` begins like YAML structure or a quoted string but does not parse.
+    """
+    if not raw.strip():
+        return ""
+    try:
+        return parse_yaml(raw)
+    except yaml.YAMLError as exc:
+        if raw.lstrip()[:1] in ("[", "{", '"', "'"):
+            raise ValueError(f"override {item!r}: the value is not valid YAML "
+                             f"({describe_yaml_error(exc)})") from None
+        return raw.strip()
+
+
 def read_config(path) -> dict:
-    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a dict."""
+    """Read a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file into a dict.
+
+    Raises:
+        ValueError: a syntax error (one line, naming the file), or a top level that is not a
+            table.
+    """
     path = Path(path)
     text = path.read_text()
     if path.suffix == ".toml":
         import tomllib
 
-        data = tomllib.loads(text)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from None
     else:
-        data = parse_yaml(text)
+        try:
+            data = parse_yaml(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {describe_yaml_error(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -111,7 +154,7 @@ def apply_overrides(config: Mapping, overrides: Iterable[str]) -> dict:
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
             raise ValueError(f"override {item!r} has an empty key")
-        value = parse_yaml(raw) if raw.strip() else ""
+        value = parse_override_value(item, raw)
         node = out
         for part in parts[:-1]:
             child = node.get(part)

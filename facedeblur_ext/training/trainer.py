@@ -9,6 +9,11 @@ atomic checkpoints with exact resume (models, EMA, optimizers, schedulers, scale
 rank's RNG states and the position within the epoch); SIGINT/SIGTERM finish the current step,
 save a checkpoint and stop.
 
+One writer per run folder: rank 0 holds the folder's lock (``training.lock``) from setup to the
+end of :meth:`Trainer.fit`, so a second run into the folder is refused, and under it removes the
+temporary files of a killed run (a complete checkpoint whose rename was lost is kept, see
+``checkpoint.recover_interrupted_saves``).
+
 Configuration keys used here (the task reads ``model``, ``loss``, ``data``)::
 
     seed, output_dir, device (auto|cpu|cuda[:N])
@@ -44,9 +49,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import _quality
-from .checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
+from .checkpoint import (
+    atomic_torch_save,
+    capture_rng_state,
+    load_checkpoint,
+    recover_interrupted_saves,
+    restore_rng_state,
+)
 from .distributed import DistInfo, all_reduce_max, barrier, init_distributed
 from .ema import ModelEMA
+from .lock import FolderLock
 from .run_log import RunLog
 from .sampler import ResumableDistributedSampler
 from .task import StepContext, Task, batch_to, get_task
@@ -182,6 +194,7 @@ class Trainer:
         self.overwrite = overwrite
         self.step_callback = step_callback
         self.stop_signal: int | None = None
+        self.lock: FolderLock | None = None
         self.step = 0
         self.epoch = 0
         self.epoch_step = 0
@@ -200,6 +213,7 @@ class Trainer:
         self.amp_dtype = resolve_amp_dtype(tcfg.get("amp", "auto"), self.device)
         self.output_dir = Path(cfg.get("output_dir", "runs"))
         self.ckpt_dir = self.output_dir / "checkpoints"
+        self._lock_output_dir()
         self.claim_output_dir()
 
         # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
@@ -255,6 +269,36 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
             self.log = RunLog(self.output_dir, self.step if resume_path else None,
                               tensorboard=bool(tcfg.get("tensorboard", True)))
+
+    def _lock_output_dir(self) -> None:
+        """Take the run folder's lock (rank 0, the only rank that writes the folder, holds it
+        for the whole job) and, holding it, clear what a killed writer left half-written. The
+        other ranks receive rank 0's outcome, so a refusal stops every rank with its error.
+
+        Raises:
+            FolderLockedError: another process holds the folder (its PID is named).
+        """
+        error = None
+        if self.dist.is_main:
+            try:
+                self.lock = FolderLock(self.output_dir, "facedeblur train").acquire()
+                self._recover_interrupted_writes()
+            except Exception as exc:  # noqa: BLE001 - passed to the other ranks, raised below
+                error = exc
+        if self.dist.enabled:
+            outcome = [error]
+            dist.broadcast_object_list(outcome, src=0)
+            error = outcome[0]
+        if error is not None:
+            raise error
+
+    def _recover_interrupted_writes(self) -> None:
+        """Checkpoints: see ``recover_interrupted_saves``. Logs and preview images are
+        rewritten whole through fixed temporary names, so theirs are only deleted."""
+        recover_interrupted_saves(self.ckpt_dir)
+        for leftover in (self.output_dir / "train.csv.tmp", self.output_dir / "val.csv.tmp",
+                         *(self.output_dir / "samples").glob(".*.png.tmp")):
+            leftover.unlink(missing_ok=True)
 
     def claim_output_dir(self) -> None:
         """Check that a fresh start (no checkpoint to resume) does not train into an earlier
@@ -488,8 +532,18 @@ class Trainer:
 
         Returns:
             ``{"step", "epoch", "stopped_by_signal", "checkpoint", "last_val"}``.
+
+        Raises:
+            FolderLockedError: another process is writing ``output_dir``.
         """
-        self._setup()
+        try:
+            self._setup()
+            return self._train()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> dict:
         cfg, tcfg, vcfg = self.config, self.config["train"], self.config.get("val", {})
         epochs = int(tcfg.get("epochs", 1))
         max_steps = tcfg.get("max_steps")
