@@ -24,6 +24,7 @@
 
 #include "common/blur_math.h"
 #include "cuda/blur_kernels.h"
+#include "cuda/launch.cuh"
 
 namespace facedeblur::blur::cuda {
 namespace {
@@ -35,7 +36,6 @@ constexpr int kRowsPerThread = kTileH / kBlockRows;
 constexpr int kTileThreads = kTileW * kBlockRows;
 constexpr int kWarp = 32;
 constexpr int kReduceThreads = 256;
-constexpr int kMaxGridZ = 65535;
 constexpr size_t kDefaultSmem = 48 * 1024;
 
 // ---- element conversions ----
@@ -85,7 +85,13 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
 }
 
 unsigned grid_z(int64_t planes) {
-  return static_cast<unsigned>(planes < kMaxGridZ ? planes : kMaxGridZ);
+  return static_cast<unsigned>(planes < kGridYZCap ? planes : kGridYZCap);
+}
+
+// Blocks of 256 threads for a grid-stride loop over `total` elements.
+unsigned elementwise_blocks(int64_t total) {
+  const int64_t blocks = (total + 255) / 256;
+  return static_cast<unsigned>(blocks < kGridStrideBlocksCap ? blocks : kGridStrideBlocksCap);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -131,7 +137,7 @@ template <typename out_t>
 __global__ void __launch_bounds__(kWarp) motion_kernels_k(const double* length,
                                                           const double* angle, int K,
                                                           out_t* out) {
-  extern __shared__ double acc[];
+  double* acc = dynamic_shared_memory<double>();
   const int64_t n = blockIdx.x;
   zero_acc(acc, K * K);
   if (threadIdx.x == 0) rasterize_motion(acc, K, length[n], angle[n]);
@@ -142,7 +148,7 @@ __global__ void __launch_bounds__(kWarp) motion_kernels_k(const double* length,
 template <typename out_t>
 __global__ void __launch_bounds__(kWarp) gaussian_kernels_k(const double* sigma, int K,
                                                             out_t* out) {
-  extern __shared__ double acc[];
+  double* acc = dynamic_shared_memory<double>();
   const int64_t n = blockIdx.x;
   const double s = sigma[n];
   for (int i = threadIdx.x; i < K * K; i += kWarp) {
@@ -155,7 +161,7 @@ __global__ void __launch_bounds__(kWarp) gaussian_kernels_k(const double* sigma,
 template <typename out_t>
 __global__ void __launch_bounds__(kWarp) defocus_kernels_k(const double* radius, int K,
                                                            out_t* out) {
-  extern __shared__ double acc[];
+  double* acc = dynamic_shared_memory<double>();
   const int64_t n = blockIdx.x;
   const double r = radius[n];
   for (int i = threadIdx.x; i < K * K; i += kWarp) {
@@ -171,7 +177,7 @@ __global__ void __launch_bounds__(kWarp) trajectory_kernels_k(const double* para
                                                               const rand_t* step_normal,
                                                               int64_t T, int K, int centering,
                                                               double* positions, out_t* out) {
-  extern __shared__ double acc[];
+  double* acc = dynamic_shared_memory<double>();
   const int64_t n = blockIdx.x;
   zero_acc(acc, K * K);
   if (threadIdx.x == 0) {
@@ -208,8 +214,8 @@ struct LaunchMotion {
     const size_t smem = generator_smem(size);
     cudaError_t err = allow_smem(motion_kernels_k<out_t>, smem);
     if (err != cudaSuccess) return err;
-    motion_kernels_k<out_t><<<static_cast<unsigned>(n), kWarp, smem, stream>>>(
-        length, angle, size, static_cast<out_t*>(out));
+    launch_kernel<motion_kernels_k<out_t>>(static_cast<unsigned>(n), kWarp, smem, stream, length,
+        angle, size, static_cast<out_t*>(out));
     return cudaGetLastError();
   }
 };
@@ -221,8 +227,8 @@ struct LaunchGaussian {
     const size_t smem = generator_smem(size);
     cudaError_t err = allow_smem(gaussian_kernels_k<out_t>, smem);
     if (err != cudaSuccess) return err;
-    gaussian_kernels_k<out_t><<<static_cast<unsigned>(n), kWarp, smem, stream>>>(
-        sigma, size, static_cast<out_t*>(out));
+    launch_kernel<gaussian_kernels_k<out_t>>(static_cast<unsigned>(n), kWarp, smem, stream, sigma,
+        size, static_cast<out_t*>(out));
     return cudaGetLastError();
   }
 };
@@ -234,8 +240,8 @@ struct LaunchDefocus {
     const size_t smem = generator_smem(size);
     cudaError_t err = allow_smem(defocus_kernels_k<out_t>, smem);
     if (err != cudaSuccess) return err;
-    defocus_kernels_k<out_t><<<static_cast<unsigned>(n), kWarp, smem, stream>>>(
-        radius, size, static_cast<out_t*>(out));
+    launch_kernel<defocus_kernels_k<out_t>>(static_cast<unsigned>(n), kWarp, smem, stream, radius,
+        size, static_cast<out_t*>(out));
     return cudaGetLastError();
   }
 };
@@ -249,8 +255,8 @@ struct LaunchTrajectory {
     const size_t smem = generator_smem(size);
     cudaError_t err = allow_smem(trajectory_kernels_k<rand_t, out_t>, smem);
     if (err != cudaSuccess) return err;
-    trajectory_kernels_k<rand_t, out_t><<<static_cast<unsigned>(n), kWarp, smem, stream>>>(
-        params, static_cast<const rand_t*>(su), static_cast<const rand_t*>(sn), T, size,
+    launch_kernel<trajectory_kernels_k<rand_t, out_t>>(static_cast<unsigned>(n), kWarp, smem,
+        stream, params, static_cast<const rand_t*>(su), static_cast<const rand_t*>(sn), T, size,
         centering, positions, static_cast<out_t*>(out));
     return cudaGetLastError();
   }
@@ -282,8 +288,8 @@ __global__ void __launch_bounds__(kReduceThreads) compact_taps_k(const acc_t* ke
                                                                  int Kw, bool negate,
                                                                  Tap<acc_t>* taps,
                                                                  int* counts) {
-  __shared__ int warp_counts[kReduceThreads / kWarp];
-  __shared__ int base;
+  FD_SHARED_ARRAY(int, warp_counts, kReduceThreads / kWarp);
+  FD_SHARED_VAR(int, base);
   const int KK = Kh * Kw;
   const int64_t g = blockIdx.x;
   const acc_t* k = kernels + g * KK;
@@ -413,7 +419,7 @@ template <typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kTileThreads) blur_forward_k(
     BlurParams<acc_t> p, const in_t* __restrict__ images, in_t* __restrict__ out,
     const acc_t* __restrict__ noise, const acc_t* __restrict__ noise_sigma, bool quantize) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_shared_memory<unsigned char>();
   const BlurShape s = p.s;
   const int SH = kTileH + static_cast<int>(s.Kh) - 1, SW = kTileW + static_cast<int>(s.Kw) - 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -468,7 +474,7 @@ template <typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kTileThreads) blur_backward_pixels_k(
     BlurParams<acc_t> p, const in_t* __restrict__ grad, const in_t* __restrict__ images,
     acc_t* grad_weights, acc_t* grad_mask, acc_t* lin_out, acc_t* hw, acc_t* direct) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_shared_memory<unsigned char>();
   const BlurShape s = p.s;
   const int SH = kTileH + static_cast<int>(s.Kh) - 1, SW = kTileW + static_cast<int>(s.Kw) - 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
@@ -531,7 +537,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kTileThreads) blur_backward_padded_k(
     BlurShape s, const Tap<acc_t>* __restrict__ taps_t, const int* __restrict__ counts,
     const acc_t* __restrict__ hw, acc_t* __restrict__ grad_padded) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_shared_memory<unsigned char>();
   const int SH = kTileH + static_cast<int>(s.Kh) - 1, SW = kTileW + static_cast<int>(s.Kw) - 1;
   acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
   const int cy = static_cast<int>((s.Kh - 1) / 2), cx = static_cast<int>((s.Kw - 1) / 2);
@@ -616,7 +622,7 @@ template <typename acc_t>
 __global__ void __launch_bounds__(kReduceThreads) blur_backward_kernels_k(
     BlurShape s, const acc_t* __restrict__ hw, const acc_t* __restrict__ lin,
     acc_t* __restrict__ grad_kernels) {
-  __shared__ acc_t partial[kReduceThreads];
+  FD_SHARED_ARRAY(acc_t, partial, kReduceThreads);
   const int64_t i = blockIdx.x;
   const int64_t q = i % s.Kw, p = (i / s.Kw) % s.Kh;
   const int64_t r = (i / (s.Kw * s.Kh)) % s.R, n = i / (s.Kw * s.Kh * s.R);
@@ -656,9 +662,9 @@ size_t tile_smem(const BlurShape& s, size_t elem, bool lut) {
 template <typename acc_t>
 cudaError_t compact(const BlurShape& s, const void* kernels, bool negate, void* taps,
                     int* counts, cudaStream_t stream) {
-  compact_taps_k<acc_t><<<static_cast<unsigned>(s.N * s.R), kReduceThreads, 0, stream>>>(
-      static_cast<const acc_t*>(kernels), static_cast<int>(s.Kh), static_cast<int>(s.Kw),
-      negate, static_cast<Tap<acc_t>*>(taps), counts);
+  launch_kernel<compact_taps_k<acc_t>>(static_cast<unsigned>(s.N * s.R), kReduceThreads, 0, stream,
+      static_cast<const acc_t*>(kernels), static_cast<int>(s.Kh), static_cast<int>(s.Kw), negate,
+      static_cast<Tap<acc_t>*>(taps), counts);
   return cudaGetLastError();
 }
 
@@ -686,10 +692,10 @@ cudaError_t blur_forward(const BlurShape& s, const BlurForwardArgs& a, cudaStrea
   const size_t smem = tile_smem(s, sizeof(acc_t), std::is_same_v<in_t, uint8_t>);
   err = allow_smem(blur_forward_k<in_t, acc_t>, smem);
   if (err != cudaSuccess) return err;
-  blur_forward_k<in_t, acc_t><<<tile_grid(s.H, s.W, s.N * s.C), dim3(kTileW, kBlockRows), smem,
-                                stream>>>(
-      p, static_cast<const in_t*>(a.images), static_cast<in_t*>(a.out),
-      static_cast<const acc_t*>(a.noise), static_cast<const acc_t*>(a.noise_sigma), a.quantize);
+  launch_kernel<blur_forward_k<in_t, acc_t>>(tile_grid(s.H, s.W, s.N * s.C),
+      dim3(kTileW, kBlockRows), smem, stream, p, static_cast<const in_t*>(a.images),
+      static_cast<in_t*>(a.out), static_cast<const acc_t*>(a.noise),
+      static_cast<const acc_t*>(a.noise_sigma), a.quantize);
   return cudaGetLastError();
 }
 
@@ -703,10 +709,10 @@ cudaError_t blur_backward(const BlurShape& s, const BlurBackwardArgs& a, cudaStr
   err = allow_smem(blur_backward_pixels_k<in_t, acc_t>, smem);
   if (err != cudaSuccess) return err;
   const bool need_hw = a.grad_images != nullptr || a.grad_kernels != nullptr;
-  blur_backward_pixels_k<in_t, acc_t><<<tile_grid(s.H, s.W, s.N), dim3(kTileW, kBlockRows),
-                                        smem, stream>>>(
-      p, static_cast<const in_t*>(a.grad), static_cast<const in_t*>(a.images),
-      static_cast<acc_t*>(a.grad_weights), static_cast<acc_t*>(a.grad_mask),
+  launch_kernel<blur_backward_pixels_k<in_t, acc_t>>(tile_grid(s.H, s.W, s.N),
+      dim3(kTileW, kBlockRows), smem, stream, p, static_cast<const in_t*>(a.grad),
+      static_cast<const in_t*>(a.images), static_cast<acc_t*>(a.grad_weights),
+      static_cast<acc_t*>(a.grad_mask),
       a.grad_kernels != nullptr ? static_cast<acc_t*>(a.lin) : nullptr,
       need_hw ? static_cast<acc_t*>(a.hw) : nullptr,
       a.grad_images != nullptr && a.mask != nullptr ? static_cast<acc_t*>(a.direct) : nullptr);
@@ -718,17 +724,14 @@ cudaError_t blur_backward(const BlurShape& s, const BlurBackwardArgs& a, cudaStr
     if (err != cudaSuccess) return err;
     err = allow_smem(blur_backward_padded_k<acc_t>, smem);
     if (err != cudaSuccess) return err;
-    blur_backward_padded_k<acc_t><<<tile_grid(s.H + s.Kh - 1, s.W + s.Kw - 1, s.N * s.C),
-                                    dim3(kTileW, kBlockRows), smem, stream>>>(
-        s, static_cast<const Tap<acc_t>*>(a.taps), a.tap_counts,
-        static_cast<const acc_t*>(a.hw), static_cast<acc_t*>(a.grad_padded));
+    launch_kernel<blur_backward_padded_k<acc_t>>(tile_grid(s.H + s.Kh - 1, s.W + s.Kw - 1, s.N * s.C),
+        dim3(kTileW, kBlockRows), smem, stream, s, static_cast<const Tap<acc_t>*>(a.taps),
+        a.tap_counts, static_cast<const acc_t*>(a.hw), static_cast<acc_t*>(a.grad_padded));
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     const int64_t total = s.N * s.C * s.H * s.W;
-    const int64_t blocks = (total + 255) / 256;
-    blur_backward_fold_k<in_t, acc_t><<<static_cast<unsigned>(blocks < 65536 * 32 ? blocks : 65536 * 32),
-                                        256, 0, stream>>>(
-        s, static_cast<const acc_t*>(a.grad_padded),
+    launch_kernel<blur_backward_fold_k<in_t, acc_t>>(elementwise_blocks(total), 256, 0, stream, s,
+        static_cast<const acc_t*>(a.grad_padded),
         a.mask != nullptr ? static_cast<const acc_t*>(a.direct) : nullptr,
         static_cast<const in_t*>(a.images), a.crf, static_cast<acc_t>(a.gamma),
         static_cast<in_t*>(a.grad_images));
@@ -736,10 +739,9 @@ cudaError_t blur_backward(const BlurShape& s, const BlurBackwardArgs& a, cudaStr
     if (err != cudaSuccess) return err;
   }
   if (a.grad_kernels != nullptr) {
-    blur_backward_kernels_k<acc_t><<<static_cast<unsigned>(s.N * s.R * s.Kh * s.Kw),
-                                     kReduceThreads, 0, stream>>>(
-        s, static_cast<const acc_t*>(a.hw), static_cast<const acc_t*>(a.lin),
-        static_cast<acc_t*>(a.grad_kernels));
+    launch_kernel<blur_backward_kernels_k<acc_t>>(static_cast<unsigned>(s.N * s.R * s.Kh * s.Kw),
+        kReduceThreads, 0, stream, s, static_cast<const acc_t*>(a.hw),
+        static_cast<const acc_t*>(a.lin), static_cast<acc_t*>(a.grad_kernels));
     err = cudaGetLastError();
   }
   return err;
@@ -805,16 +807,11 @@ __global__ void average_frames_backward_k(const T* __restrict__ grad,
   }
 }
 
-unsigned elementwise_blocks(int64_t total) {
-  const int64_t blocks = (total + 255) / 256;
-  return static_cast<unsigned>(blocks < 65536 * 32 ? blocks : 65536 * 32);
-}
-
 template <typename T, typename acc_t>
 cudaError_t average_frames_typed(const void* frames, const int64_t* counts, int64_t N,
                                  int64_t Tn, int64_t P, bool crf, double gamma, void* out,
                                  cudaStream_t stream) {
-  average_frames_k<T, acc_t><<<elementwise_blocks(N * P), 256, 0, stream>>>(
+  launch_kernel<average_frames_k<T, acc_t>>(elementwise_blocks(N * P), 256, 0, stream,
       static_cast<const T*>(frames), counts, N, Tn, P, crf, static_cast<acc_t>(gamma),
       static_cast<T*>(out));
   return cudaGetLastError();
@@ -825,7 +822,7 @@ cudaError_t average_frames_backward_typed(const void* grad, const void* frames,
                                           const int64_t* counts, int64_t N, int64_t Tn,
                                           int64_t P, bool crf, double gamma, void* out,
                                           cudaStream_t stream) {
-  average_frames_backward_k<T, acc_t><<<elementwise_blocks(N * P), 256, 0, stream>>>(
+  launch_kernel<average_frames_backward_k<T, acc_t>>(elementwise_blocks(N * P), 256, 0, stream,
       static_cast<const T*>(grad), static_cast<const T*>(frames), counts, N, Tn, P, crf,
       static_cast<acc_t>(gamma), static_cast<T*>(out));
   return cudaGetLastError();

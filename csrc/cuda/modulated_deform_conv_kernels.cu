@@ -12,6 +12,7 @@
 
 #include "modulated_deform_conv_kernels.h"
 #include "cuda/device_types.cuh"
+#include "cuda/launch.cuh"
 
 namespace facedeblur::cuda {
 namespace {
@@ -116,7 +117,7 @@ __global__ void backward_samples_kernel(MdcShape s, MdcInputs in, MdcTile tile,
                                         const scalar_t* __restrict__ grad_columns,
                                         MdcBackwardOutputs out) {
   using acc_t = typename AccType<scalar_t>::type;
-  extern __shared__ __align__(16) unsigned char shared_raw[];
+  unsigned char* shared_raw = dynamic_shared_memory<unsigned char>();
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
   const bool active = t < tile.pixels;
   const int k = blockIdx.y;
@@ -296,8 +297,8 @@ template <typename scalar_t>
 cudaError_t gather_columns_typed(const MdcShape& s, const MdcInputs& in, const MdcTile& tile,
                                  void* columns, cudaStream_t stream) {
   const dim3 block(kWarp, slices_for(s.channels / s.offset_groups));
-  gather_columns_kernel<scalar_t><<<sample_grid(s, tile, kWarp), block, 0, stream>>>(
-      s, in, tile, static_cast<scalar_t*>(columns));
+  launch_kernel<gather_columns_kernel<scalar_t>>(sample_grid(s, tile, kWarp), block, 0, stream, s,
+      in, tile, static_cast<scalar_t*>(columns));
   return cudaGetLastError();
 }
 
@@ -309,9 +310,8 @@ cudaError_t backward_samples_variant(const MdcShape& s, const MdcInputs& in,
   const int slices = slices_for(s.channels / s.offset_groups);
   const dim3 block(kWarp, slices);
   const size_t shared = (kDots && slices > 1) ? 4 * slices * kWarp * sizeof(acc_t) : 0;
-  backward_samples_kernel<scalar_t, kDots, kAtomicScatter, kColumns>
-      <<<sample_grid(s, tile, kWarp), block, shared, stream>>>(
-          s, in, tile, static_cast<const scalar_t*>(grad_columns), out);
+  launch_kernel<backward_samples_kernel<scalar_t, kDots, kAtomicScatter, kColumns>>(
+      sample_grid(s, tile, kWarp), block, shared, stream, s, in, tile, static_cast<const scalar_t*>(grad_columns), out);
   return cudaGetLastError();
 }
 
@@ -339,7 +339,7 @@ template <typename scalar_t>
 cudaError_t scatter_keys_typed(const MdcShape& s, const MdcInputs& in, const MdcTile& tile,
                                int64_t* keys, void* weights, cudaStream_t stream) {
   constexpr int kThreads = 128;
-  scatter_keys_kernel<scalar_t><<<sample_grid(s, tile, kThreads), kThreads, 0, stream>>>(
+  launch_kernel<scatter_keys_kernel<scalar_t>>(sample_grid(s, tile, kThreads), kThreads, 0, stream,
       s, in, tile, keys, static_cast<typename AccType<scalar_t>::type*>(weights));
   return cudaGetLastError();
 }
@@ -353,10 +353,9 @@ cudaError_t gather_input_grad_typed(const MdcShape& s, const MdcTile& tile,
   constexpr int kThreads = 256;
   const int64_t total = tile.images * s.channels * s.height * s.width;
   if (total == 0) return cudaSuccess;
-  gather_input_grad_kernel<scalar_t>
-      <<<static_cast<unsigned>((total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          s, tile, starts, permutation, static_cast<const acc_t*>(weights),
-          static_cast<const scalar_t*>(grad_columns), static_cast<acc_t*>(grad_input_acc));
+  launch_kernel<gather_input_grad_kernel<scalar_t>>(
+      static_cast<unsigned>((total + kThreads - 1) / kThreads), kThreads, 0, stream, s, tile, starts, permutation, static_cast<const acc_t*>(weights),
+      static_cast<const scalar_t*>(grad_columns), static_cast<acc_t*>(grad_input_acc));
   return cudaGetLastError();
 }
 
@@ -416,8 +415,9 @@ cudaError_t launch_mdc_segment_starts(const int64_t* sorted_keys, int64_t entrie
                                       int64_t key_count, int64_t* starts, cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t total = key_count + 1;
-  segment_starts_kernel<<<static_cast<unsigned>((total + kThreads - 1) / kThreads), kThreads, 0,
-                          stream>>>(sorted_keys, entries, key_count, starts);
+  launch_kernel<segment_starts_kernel>(static_cast<unsigned>((total + kThreads - 1) / kThreads),
+                                       kThreads, 0, stream, sorted_keys, entries, key_count,
+                                       starts);
   return cudaGetLastError();
 }
 

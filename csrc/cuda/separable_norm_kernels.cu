@@ -25,6 +25,7 @@
 // (rstd 0) add nothing anywhere.
 #include "cuda/separable_norm_kernels.h"
 #include "cuda/device_types.cuh"
+#include "cuda/launch.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -197,7 +198,7 @@ __global__ void __launch_bounds__(kThreads)
                  int R, int r0, int64_t P, int64_t pixels_per_split,
                  Moments<Acc>* __restrict__ partial /* [splits][NC][R] */) {
   constexpr int kBatch = 4;
-  __shared__ Moments<Acc> smem[kThreads];
+  FD_SHARED_ARRAY(Moments<Acc>, smem, kThreads);
   const UnitThread<kChannelsLast> t(blockIdx.x, C);
   const int64_t p_begin = static_cast<int64_t>(blockIdx.y) * pixels_per_split;
   const int64_t p_end = min(P, p_begin + pixels_per_split);
@@ -299,7 +300,7 @@ __global__ void __launch_bounds__(kThreads)
                          const Acc* __restrict__ rstd, T* __restrict__ out, int64_t C, int R,
                          int64_t P, int64_t pixels_per_block) {
   constexpr int kLanes = kChannelsLast ? kWarp : 1;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_shared_memory<unsigned char>();
   Acc* s_mean = reinterpret_cast<Acc*>(smem_raw);
   Acc* s_rstd = s_mean + R * kLanes;
   const UnitThread<kChannelsLast> t(blockIdx.x, C);
@@ -350,7 +351,7 @@ __global__ void __launch_bounds__(kThreads)
                      int64_t pixels_per_split, bool want_g_xhat, bool want_sum_g,
                      Acc* __restrict__ partial /* [splits][NC][R][4] */,
                      Acc* __restrict__ partial_g /* [splits][NC] */) {
-  __shared__ Acc smem[kThreads * 4];
+  FD_SHARED_ARRAY(Acc, smem, kThreads * 4);
   const UnitThread<kChannelsLast> t(blockIdx.x, C);
   const int64_t p_begin = static_cast<int64_t>(blockIdx.y) * pixels_per_split;
   const int64_t p_end = min(P, p_begin + pixels_per_split);
@@ -483,7 +484,7 @@ __global__ void __launch_bounds__(kThreads)
                            int64_t channels_per_split, T* __restrict__ dx,
                            T* __restrict__ dgamma_full, T* __restrict__ dbeta_full,
                            Acc* __restrict__ dmask_partial /* [splits][N][R][P] */) {
-  __shared__ Acc s_dm[kWantDmask ? kWarps * kMaxR * kWarp : 1];
+  FD_SHARED_ARRAY(Acc, s_dm, kWantDmask ? kWarps * kMaxR * kWarp : 1);
   const int lane = threadIdx.x % kWarp, grp = threadIdx.x / kWarp;
   const int64_t n = blockIdx.z;
   const int64_t p = static_cast<int64_t>(blockIdx.x) * kWarp + lane;
@@ -550,7 +551,7 @@ __global__ void __launch_bounds__(kThreads)
                            T* __restrict__ dgamma_full, T* __restrict__ dbeta_full,
                            Acc* __restrict__ dmask_partial /* [C tiles][N][R][P] */) {
   // Lane-minor (bank-conflict free): mean, rstd, a, b, k, each [R][32].
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  unsigned char* smem_raw = dynamic_shared_memory<unsigned char>();
   Acc* s_cf = reinterpret_cast<Acc*>(smem_raw);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t n = blockIdx.z;
@@ -640,7 +641,19 @@ int sm_count(int device) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-constexpr int64_t kMaxGridYZ = 65535;
+constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit, for the shapes refused up front
+
+// Smallest reduction split (pixels per block) and backward channel split; the emulator tests
+// lower them at compile time so that split paths run on small inputs.
+#ifndef FACEDEBLUR_SNORM_MIN_SPLIT_PIXELS_NCHW
+#define FACEDEBLUR_SNORM_MIN_SPLIT_PIXELS_NCHW 2048
+#endif
+#ifndef FACEDEBLUR_SNORM_MIN_SPLIT_PIXELS_NHWC
+#define FACEDEBLUR_SNORM_MIN_SPLIT_PIXELS_NHWC 64
+#endif
+#ifndef FACEDEBLUR_SNORM_MIN_SPLIT_CHANNELS
+#define FACEDEBLUR_SNORM_MIN_SPLIT_CHANNELS (kWarps * 4)  // 4 channels per warp
+#endif
 
 struct Plan {
   int64_t NC = 0, units = 0, c_tiles = 0;
@@ -660,15 +673,16 @@ Plan make_plan(const Shape& s, int device) {
   pl.c_tiles = ceil_div(s.C, kWarp);
   pl.units = s.channels_last ? s.N * pl.c_tiles : pl.NC;
   // Reductions: enough blocks to fill the GPU twice, but no block with less than ~2K elements.
-  const int64_t min_pixels = s.channels_last ? 64 : 2048;
-  const int64_t max_splits = std::max<int64_t>(1, std::min(kMaxGridYZ, s.P / min_pixels));
+  const int64_t min_pixels = s.channels_last ? FACEDEBLUR_SNORM_MIN_SPLIT_PIXELS_NHWC
+                                             : FACEDEBLUR_SNORM_MIN_SPLIT_PIXELS_NCHW;
+  const int64_t max_splits = std::max<int64_t>(1, std::min(kGridYZCap, s.P / min_pixels));
   pl.splits = std::clamp<int64_t>(ceil_div(target_blocks, pl.units), 1, max_splits);
   pl.pixels_per_split = ceil_div(s.P, pl.splits);
   pl.splits = ceil_div(s.P, pl.pixels_per_split);
   // Forward apply: 8 (NCHW) or 16 (NHWC) pixels per thread.
   pl.apply_pixels_per_block = s.channels_last ? kWarps * 16 : kThreads * 8;
   pl.apply_pixels_per_block =
-      std::max(pl.apply_pixels_per_block, ceil_div(s.P, kMaxGridYZ));
+      std::max(pl.apply_pixels_per_block, ceil_div(s.P, kGridYZCap));
   pl.apply_tiles = ceil_div(s.P, pl.apply_pixels_per_block);
   if (s.channels_last) {
     // Backward apply NHWC: pixel tiles of 32..256 pixels, as many blocks as fit the target.
@@ -684,8 +698,8 @@ Plan make_plan(const Shape& s, int device) {
     // keeping at least 4 channels per warp.
     pl.grad_tiles = ceil_div(s.P, kWarp);
     const int64_t base_blocks = pl.grad_tiles * s.N;
-    const int64_t max_csplits =
-        std::max<int64_t>(1, std::min(kMaxGridYZ, s.C / (kWarps * 4)));
+    const int64_t max_csplits = std::max<int64_t>(
+        1, std::min(kGridYZCap, s.C / int64_t{FACEDEBLUR_SNORM_MIN_SPLIT_CHANNELS}));
     pl.grad_splits = std::clamp<int64_t>(ceil_div(target_blocks, base_blocks), 1, max_csplits);
     pl.grad_channels_per_split = ceil_div(s.C, pl.grad_splits);
     pl.grad_splits = ceil_div(s.C, pl.grad_channels_per_split);
@@ -757,28 +771,28 @@ cudaError_t forward_typed(const Shape& s, const ForwardArgs& a, void* workspace,
     dispatch_reduce_regions(std::min(R - r0, kReduceGroup), [&](auto max_r) {
       constexpr int M = decltype(max_r)::value;
       if (s.channels_last) {
-        stats_kernel<T, Acc, true, M><<<red_grid, kThreads, 0, stream>>>(
-            x, masks, s.C, pl.NC, R, r0, s.P, pl.pixels_per_split, partial);
+        launch_kernel<stats_kernel<T, Acc, true, M>>(red_grid, kThreads, 0, stream, x, masks, s.C,
+            pl.NC, R, r0, s.P, pl.pixels_per_split, partial);
       } else {
-        stats_kernel<T, Acc, false, M><<<red_grid, kThreads, 0, stream>>>(
-            x, masks, s.C, pl.NC, R, r0, s.P, pl.pixels_per_split, partial);
+        launch_kernel<stats_kernel<T, Acc, false, M>>(red_grid, kThreads, 0, stream, x, masks, s.C,
+            pl.NC, R, r0, s.P, pl.pixels_per_split, partial);
       }
     });
   }
   const int64_t NCR = pl.NC * s.R;
-  stats_finalize_kernel<Acc><<<static_cast<unsigned>(ceil_div(NCR, kThreads)), kThreads, 0,
-                               stream>>>(partial, NCR, static_cast<int>(pl.splits),
-                                         static_cast<Acc>(a.eps), mean, rstd);
+  launch_kernel<stats_finalize_kernel<Acc>>(static_cast<unsigned>(ceil_div(NCR, kThreads)),
+      kThreads, 0, stream, partial, NCR, static_cast<int>(pl.splits), static_cast<Acc>(a.eps), mean,
+      rstd);
   const dim3 apply_grid(static_cast<unsigned>(pl.units), static_cast<unsigned>(pl.apply_tiles));
   const size_t smem = 2 * sizeof(Acc) * s.R * (s.channels_last ? kWarp : 1);
   if (s.channels_last) {
-    forward_apply_kernel<T, Acc, true><<<apply_grid, kThreads, smem, stream>>>(
-        x, masks, to_dev<T>(a.gamma), to_dev<T>(a.beta), mean, rstd, static_cast<T*>(a.out),
-        s.C, R, s.P, pl.apply_pixels_per_block);
+    launch_kernel<forward_apply_kernel<T, Acc, true>>(apply_grid, kThreads, smem, stream, x, masks,
+        to_dev<T>(a.gamma), to_dev<T>(a.beta), mean, rstd, static_cast<T*>(a.out), s.C, R, s.P,
+        pl.apply_pixels_per_block);
   } else {
-    forward_apply_kernel<T, Acc, false><<<apply_grid, kThreads, smem, stream>>>(
-        x, masks, to_dev<T>(a.gamma), to_dev<T>(a.beta), mean, rstd, static_cast<T*>(a.out),
-        s.C, R, s.P, pl.apply_pixels_per_block);
+    launch_kernel<forward_apply_kernel<T, Acc, false>>(apply_grid, kThreads, smem, stream, x, masks,
+        to_dev<T>(a.gamma), to_dev<T>(a.beta), mean, rstd, static_cast<T*>(a.out), s.C, R, s.P,
+        pl.apply_pixels_per_block);
   }
   return cudaGetLastError();
 }
@@ -814,21 +828,20 @@ cudaError_t backward_typed(const Shape& s, const BackwardArgs& a, void* workspac
     dispatch_reduce_regions(std::min(R - r0, kReduceGroup), [&](auto max_r) {
       constexpr int M = decltype(max_r)::value;
       if (s.channels_last) {
-        grad_sums_kernel<T, Acc, true, M><<<red_grid, kThreads, 0, stream>>>(
-            g, x, masks, gamma, mean, rstd, s.C, pl.NC, R, r0, s.P, pl.pixels_per_split,
-            want_g_xhat, sum_g_here, partial, partial_g);
+        launch_kernel<grad_sums_kernel<T, Acc, true, M>>(red_grid, kThreads, 0, stream, g, x, masks,
+            gamma, mean, rstd, s.C, pl.NC, R, r0, s.P, pl.pixels_per_split, want_g_xhat, sum_g_here,
+            partial, partial_g);
       } else {
-        grad_sums_kernel<T, Acc, false, M><<<red_grid, kThreads, 0, stream>>>(
-            g, x, masks, gamma, mean, rstd, s.C, pl.NC, R, r0, s.P, pl.pixels_per_split,
-            want_g_xhat, sum_g_here, partial, partial_g);
+        launch_kernel<grad_sums_kernel<T, Acc, false, M>>(red_grid, kThreads, 0, stream, g, x,
+            masks, gamma, mean, rstd, s.C, pl.NC, R, r0, s.P, pl.pixels_per_split, want_g_xhat,
+            sum_g_here, partial, partial_g);
       }
     });
   }
-  grad_coef_kernel<Acc><<<static_cast<unsigned>(ceil_div(pl.NC, kThreads)), kThreads, 0,
-                          stream>>>(partial, partial_g, rstd, pl.NC, R,
-                                    static_cast<int>(pl.splits), static_cast<Acc>(a.eps), coef,
-                                    static_cast<Acc*>(a.gamma_plane_sums),
-                                    static_cast<Acc*>(a.beta_plane_sums));
+  launch_kernel<grad_coef_kernel<Acc>>(static_cast<unsigned>(ceil_div(pl.NC, kThreads)), kThreads,
+      0, stream, partial, partial_g, rstd, pl.NC, R, static_cast<int>(pl.splits),
+      static_cast<Acc>(a.eps), coef, static_cast<Acc*>(a.gamma_plane_sums),
+      static_cast<Acc*>(a.beta_plane_sums));
 
   T* dx = static_cast<T*>(a.grad_x);
   T* dgamma = static_cast<T*>(a.grad_gamma_full);
@@ -839,13 +852,13 @@ cudaError_t backward_typed(const Shape& s, const BackwardArgs& a, void* workspac
                     static_cast<unsigned>(s.N));
     const size_t smem = 5 * sizeof(Acc) * s.R * kWarp;
     if (want_dmask) {
-      grad_apply_nhwc_kernel<T, Acc, true><<<grid, kThreads, smem, stream>>>(
-          g, x, masks, gamma, mean, rstd, coef, s.N, s.C, R, s.P, pl.grad_pixels_per_block, dx,
-          dgamma, dbeta, dmask_partial);
+      launch_kernel<grad_apply_nhwc_kernel<T, Acc, true>>(grid, kThreads, smem, stream, g, x, masks,
+          gamma, mean, rstd, coef, s.N, s.C, R, s.P, pl.grad_pixels_per_block, dx, dgamma, dbeta,
+          dmask_partial);
     } else {
-      grad_apply_nhwc_kernel<T, Acc, false><<<grid, kThreads, smem, stream>>>(
-          g, x, masks, gamma, mean, rstd, coef, s.N, s.C, R, s.P, pl.grad_pixels_per_block, dx,
-          dgamma, dbeta, nullptr);
+      launch_kernel<grad_apply_nhwc_kernel<T, Acc, false>>(grid, kThreads, smem, stream, g, x,
+          masks, gamma, mean, rstd, coef, s.N, s.C, R, s.P, pl.grad_pixels_per_block, dx, dgamma,
+          dbeta, nullptr);
     }
   } else if (dx != nullptr || dgamma != nullptr || dbeta != nullptr || want_dmask) {
     const dim3 grid(static_cast<unsigned>(pl.grad_tiles), static_cast<unsigned>(pl.grad_splits),
@@ -853,22 +866,21 @@ cudaError_t backward_typed(const Shape& s, const BackwardArgs& a, void* workspac
     dispatch_regions(R, [&](auto max_r) {
       constexpr int M = decltype(max_r)::value;
       if (want_dmask) {
-        grad_apply_nchw_kernel<T, Acc, M, true><<<grid, kThreads, 0, stream>>>(
-            g, x, masks, gamma, mean, rstd, coef, s.N, s.C, R, s.P, pl.grad_channels_per_split,
-            dx, dgamma, dbeta, dmask_partial);
+        launch_kernel<grad_apply_nchw_kernel<T, Acc, M, true>>(grid, kThreads, 0, stream, g, x,
+            masks, gamma, mean, rstd, coef, s.N, s.C, R, s.P, pl.grad_channels_per_split, dx,
+            dgamma, dbeta, dmask_partial);
       } else {
-        grad_apply_nchw_kernel<T, Acc, M, false><<<grid, kThreads, 0, stream>>>(
-            g, x, masks, gamma, mean, rstd, coef, s.N, s.C, R, s.P, pl.grad_channels_per_split,
-            dx, dgamma, dbeta, nullptr);
+        launch_kernel<grad_apply_nchw_kernel<T, Acc, M, false>>(grid, kThreads, 0, stream, g, x,
+            masks, gamma, mean, rstd, coef, s.N, s.C, R, s.P, pl.grad_channels_per_split, dx,
+            dgamma, dbeta, nullptr);
       }
     });
   }
   if (want_dmask) {
     const int64_t total = s.N * s.R * s.P;
-    dmask_finalize_kernel<T, Acc><<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads,
-                                    0, stream>>>(dmask_partial, total,
-                                                 static_cast<int>(pl.grad_splits),
-                                                 static_cast<T*>(a.grad_masks));
+    launch_kernel<dmask_finalize_kernel<T, Acc>>(static_cast<unsigned>(ceil_div(total, kThreads)),
+        kThreads, 0, stream, dmask_partial, total, static_cast<int>(pl.grad_splits),
+        static_cast<T*>(a.grad_masks));
   }
   return cudaGetLastError();
 }
