@@ -383,6 +383,20 @@ def test_two_gloo_ranks_finish_with_status_0_repeatedly(tmp_path):
         assert "terminate called" not in output and "done: step 3" in output
 
 
+@pytest.mark.slow
+def test_an_error_on_one_rank_ends_both_in_one_line_without_an_abort(tmp_path):
+    # A validation batch size of 0 fails on rank 0 only (it validates while rank 1 waits).
+    done = subprocess.run(torchrun_command(tmp_path / "run", "train.max_steps=1",
+                                           "val.batch_size=0"),
+                          capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    errors = [line for line in done.stderr.splitlines()
+              if line.startswith("facedeblur train: error: ")]
+    # (rank 1 reports the lost connection, unless torchrun's SIGTERM ends it first)
+    assert done.returncode == 1 and errors, done.stderr[-4000:]
+    assert any("batch_size should be a positive integer" in line for line in errors)
+    assert "terminate called" not in done.stdout + done.stderr
+
+
 def worker_pids(launcher_pid: int) -> list[int]:
     children = [int(pid) for task in Path(f"/proc/{launcher_pid}/task").iterdir()
                 for pid in (task / "children").read_text().split()]
