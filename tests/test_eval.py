@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -26,10 +27,15 @@ from facedeblur_ext.evaluation import (
     wiener_deconvolve,
 )
 from facedeblur_ext.evaluation.baselines import MIN_AUTO_NSR
+from facedeblur_ext.evaluation.methods import Method, checkpoint_moments
 from facedeblur_ext.evaluation.protocols import (
+    LINEAR_LENGTHS,
     EvalSettings,
     run_frames_protocol,
     run_kernel_protocol,
+    run_moments_protocol,
+    run_sweep_protocol,
+    run_video_protocol,
 )
 from facedeblur_ext.evaluation.scoring import MetricSuite
 
@@ -161,6 +167,164 @@ def test_frames_protocol_tables(tiny_checkpoint):
     assert [r["ms_per_image"] is not None for r in result["rows"]] == [True, True]
 
 
+@dataclass
+class MomentSpy(Method):
+    """A continuous method that returns its input and records the ``u`` it is asked for."""
+
+    name: str = "spy"
+    continuous: bool = True
+    moments: bool = True
+    calls: list = field(default_factory=list)
+
+    def __call__(self, blurry, *, u=None, kernels=None, mask=None, noise_sigma=0.0):
+        self.calls.append(u)
+        count = 1 if u is None or isinstance(u, float) else len(u)
+        return blurry.expand(count, -1, -1, -1)
+
+
+def test_moments_protocol_restores_each_moment_at_its_u(face_dir):
+    from facedeblur_ext.data import control_factors
+
+    learned, single = MomentSpy(name="learned"), MomentSpy(name="single", moments=False)
+    settings = EvalSettings(limit=2, progress=False, examples=1)
+    result = run_moments_protocol(face_dir, [IdentityMethod(), learned, single],
+                                  MetricSuite("cpu", ["psnr"]), settings, moment_counts=(3, 5))
+    # 2 faces per N: the learned-moments row is asked for every u = (i - 1) / N in one batch,
+    # the other one once per face (u = None: its centre output stands for every moment)
+    asked = [[round(v, 6) for v in u] for u in learned.calls]
+    expected = [[round(float(v), 6) for v in control_factors(n)] for n in (3, 3, 5, 5)]
+    assert asked == expected
+    assert single.calls == [None] * 4
+    tables = {t["name"]: t for t in result["tables"]}
+    by_count = tables["by_count"]
+    assert by_count["layout"] == "stacked" and by_count["groups"] == ["3", "5", "all"]
+    assert by_count["cells"]["3"]["learned"]["images"] == 6        # 2 faces x 3 moments
+    assert by_count["cells"]["all"]["single"]["images"] == 16
+    # both spies return the blurry image: the same scores as the blurry row, per moment too
+    for name in ("learned", "single"):
+        assert by_count["cells"]["all"][name]["psnr"] == pytest.approx(
+            by_count["cells"]["all"]["blurry input"]["psnr"])
+    per5 = tables["per_moment_n5"]
+    assert per5["groups"] == ["0.000", "0.200", "0.400", "0.600", "0.800"]
+    assert all(per5["cells"][g]["learned"]["images"] == 2 for g in per5["groups"])
+    ends = tables["end_moments"]["cells"]
+    assert [c["blurry input"]["images"] for c in ends.values()] == [4, 4]
+    # the moments differ: the middle one is closer to the blurry average than the ends
+    middle = per5["cells"]["0.400"]["blurry input"]["psnr"]
+    assert middle > per5["cells"]["0.000"]["blurry input"]["psnr"]
+    assert middle > per5["cells"]["0.800"]["blurry input"]["psnr"]
+    assert [ex["caption"] for ex in result["examples"]] == ["N=3 u=0.00", "N=3 u=0.67"]
+    rows = {r["name"]: r for r in result["rows"]}
+    assert rows["learned"]["ms_per_image"] is not None
+
+
+def test_linear_protocol_draws_lines_of_7_to_15_px_at_noise_001(face_dir):
+    from facedeblur_ext.evaluation import WienerMethod
+
+    settings = EvalSettings(limit=3, progress=False, examples=0)
+    result = run_kernel_protocol(face_dir, [IdentityMethod(), WienerMethod()],
+                                 MetricSuite("cpu", ["psnr"]), settings, blur="linear")
+    assert result["protocol"] == "linear" and result["settings"]["noise_sigma"] == 0.01
+    by_length = result["tables"][1]
+    assert by_length["name"] == "by_length"
+    low, high = LINEAR_LENGTHS
+    for group in by_length["groups"]:
+        start, end = (int(v) for v in group.split("-"))
+        assert low <= start < end <= high and end - start == 2
+    cells = result["tables"][0]["cells"]["all"]
+    # the true kernel undoes a short line at low noise
+    assert cells["Wiener (true kernel)"]["psnr"] > cells["blurry input"]["psnr"] + 1
+
+
+def test_video_protocol_aligns_pairs_to_the_test_face_scale(tmp_path):
+    import cv2
+
+    from facedeblur_ext.data import FaceAnalyzer
+    from facedeblur_ext.data.face import FacePrior
+    from facedeblur_ext.evaluation.protocols import _aligned_face_transform
+
+    root = tmp_path / "pairs"
+    for seq, names in (("a", ["00001.png", "00002.png"]), ("b", ["00003.png"])):
+        for kind in ("blurry", "sharp"):
+            (root / seq / kind).mkdir(parents=True)
+        for name in names:
+            sharp = np.array(Image.open(FRAMES / name).convert("RGB"))
+            Image.fromarray(sharp).save(root / seq / "sharp" / name)
+            Image.fromarray(cv2.GaussianBlur(sharp, (0, 0), 2.0)).save(root / seq / "blurry" / name)
+    (root / "b" / "blurry" / "unpaired.png").write_bytes((FRAMES / "00004.png").read_bytes())
+
+    frame = np.array(Image.open(FRAMES / "00001.png").convert("RGB"))
+    analysis = FaceAnalyzer(warn=False).analyze(frame)
+    assert analysis.found
+    transform, scale = _aligned_face_transform(analysis, 128)
+    eyes = transform.apply_points(analysis.eyes)
+    prior = FacePrior()
+    # the eye midpoint and the interocular distance of the CelebA test faces (within rounding;
+    # this face sits left of centre and the crop, kept inside the frame, stops 1 px short)
+    assert transform.offset[1] == 0
+    assert eyes[:, 0].mean() == pytest.approx(64, abs=1.5)
+    assert eyes[:, 1].mean() == pytest.approx(prior.left_eye[1] * 128, abs=0.75)
+    assert np.linalg.norm(eyes[1] - eyes[0]) == pytest.approx(
+        (prior.left_eye[0] - prior.right_eye[0]) * 128, abs=0.5)
+    assert 0.3 < scale < 0.9  # the frames' faces are about twice the test faces' size
+
+    settings = EvalSettings(progress=False, examples=1)
+    result = run_video_protocol(root, [IdentityMethod()], MetricSuite("cpu", ["psnr"]),
+                                settings)
+    assert result["settings"]["pairs_per_sequence"] == {"a": 2, "b": 1}
+    tables = {t["name"]: t for t in result["tables"]}
+    assert tables["all"]["cells"]["all"]["blurry input"]["images"] == 3
+    assert tables["by_sequence"]["groups"] == ["a", "b"]
+    assert result["examples"][0]["sharp"].shape == (128, 128, 3)
+    assert 20 < tables["all"]["cells"]["all"]["blurry input"]["psnr"] < 45
+
+
+def test_sweep_protocol_pictures_and_report(tmp_path, face_dir, tiny_checkpoint):
+    from facedeblur_ext.evaluation.report import write_report
+
+    method = load_model("cfmd", tiny_checkpoint, label="tiny")
+    settings = EvalSettings(progress=False)
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "blurred.png").write_bytes((FACES / "realblur_shen_1.png").read_bytes())
+    result = run_sweep_protocol(face_dir, real, [IdentityMethod(), method], settings,
+                                frames=3, faces=1, real_faces=1)
+    names = [p["name"] for p in result["pictures"]]
+    assert names == ["test_celeba_201418", "real_blurred"]
+    test, real_pic = result["pictures"]
+    assert len(test["gif"]) == 3 and test["gif"][0].shape == (112, 3 * 112, 3)
+    assert real_pic["gif"][0].shape == (128, 2 * 128, 3)
+    assert test["grid"].shape[0] > 2 * 112 and test["grid"].shape[1] > 4 * 112
+    assert test["moment_spread"]["tiny"] >= 0
+    suite = MetricSuite("cpu", ["psnr"])
+    written = write_report([result], {"command": "test", "device": "cpu", "torch": "x",
+                                      "seed": 0, "metrics": suite.describe()}, tmp_path / "out")
+    files = sorted(p.name for p in written["figures"])
+    assert files == ["sweep_real_blurred.gif", "sweep_real_blurred.png",
+                     "sweep_test_celeba_201418.gif", "sweep_test_celeba_201418.png"]
+    with Image.open(tmp_path / "out" / "sweep_test_celeba_201418.gif") as gif:
+        assert gif.n_frames == 4  # 3 moments, played forward and back
+    assert "![sweep_real_blurred.gif]" in (tmp_path / "out" / "results.md").read_text()
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert payload["results"][0]["pictures"][0] == {"name": "test_celeba_201418", "fps": 4.0}
+
+
+def test_checkpoint_moments_record(tmp_path, tiny_checkpoint):
+    assert checkpoint_moments(tiny_checkpoint) == (False, (0.5, 0.5))
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    for where in ("top", "config"):
+        record = {"moments": True, "u_range": [0.0, 0.9231]}
+        variant = dict(ckpt, inference=record) if where == "top" else dict(
+            ckpt, config={**ckpt["config"], "inference": record})
+        path = tmp_path / f"{where}.pt"
+        torch.save(variant, path)
+        assert checkpoint_moments(path) == (True, (0.0, 0.9231))
+        method = load_model("cfmd", path)
+        assert method.moments and "learned moments" in method.description
+        two = method(load_faces(["celeba_201418.png"], size=32), u=[0.0, 0.5])
+        assert two.shape == (2, 3, 32, 32)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -235,6 +399,21 @@ def test_eval_checks_its_output_device_and_checkpoints_before_computing(tmp_path
     assert occupied.read_text() == "keep"
 
 
+def test_eval_cli_moments_with_chosen_baselines(tmp_path, face_dir, tiny_checkpoint, cli_error):
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--protocol", "moments", "--data", str(face_dir), "--limit", "1",
+                     "--moment-counts", "3", "--baselines", "blurry", "--metrics", "psnr",
+                     "--model", "cfmd", "--checkpoint", str(tiny_checkpoint), "--label", "tiny",
+                     "--device", "cpu", "--no-progress", "-o", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in payload["results"][0]["rows"]] == ["blurry input", "tiny"]
+    markdown = (out / "results.md").read_text()
+    assert "| Method | # of GT | # of pairs | PSNR (dB) |" in markdown
+    assert "| tiny | 3 | 3 |" in markdown
+    err = cli_error(["eval", "--protocol", "sweep", "--data", str(face_dir), "-o", str(out)])
+    assert "--protocol sweep needs a --model cfmd row" in err
+
+
 def test_eval_missing_data_is_a_clear_error(tmp_path, cli_error):
     err = cli_error(
         ["eval", "--protocol", "kernel", "--data", str(tmp_path / "nowhere"), "-o",
@@ -244,6 +423,10 @@ def test_eval_missing_data_is_a_clear_error(tmp_path, cli_error):
         ["eval", "--protocol", "frames", "--videos", str(tmp_path / "none.mp4"), "-o",
         str(tmp_path / "out")])
     assert "video source not found" in err
+    err = cli_error(
+        ["eval", "--protocol", "video", "--video-pairs", str(tmp_path / "none"), "-o",
+        str(tmp_path / "out")])
+    assert "video pairs not found" in err
 
 
 # ----------------------------------------------------------------------------- demo

@@ -7,6 +7,7 @@ import argparse
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
@@ -89,3 +90,33 @@ def test_frame_settings_compare_by_meaning():
             != synth._recipe({**base, "num_frames": "5-13", "stride": 5}, "frames"))
     with pytest.raises(ValueError, match="--num-frames must be N or LO-HI"):
         synth._parse_num_frames("9-3")
+
+
+def test_motion_mode_writes_ordered_moments_and_resumes(tmp_path, two_faces):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    common = ["--input", two_faces, "--output", out, "--mode", "motion", "--num-frames", "3-5",
+              "--seed", "7", "--cache-dir", tmp_path / "cache"]
+    assert run_synth([*common, "--limit", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    (record,) = manifest["items"]
+    n = record["num_moments"]
+    assert 3 <= n <= 5 and record["u"] == pytest.approx([i / n for i in range(n)])
+    assert record["size"] == [112, 112]       # the 128 px faces, cropped with room for motion
+    moments = [np.asarray(Image.open(out / f)) for f in record["files"]["sharp"]]
+    blurry = np.asarray(Image.open(out / record["files"]["blurry"]))
+    assert blurry.shape == moments[0].shape == (112, 112, 3)
+    # the moments differ: the face moved
+    assert np.abs(moments[0].astype(int) - moments[-1]).mean() > 1
+    first_bytes = (out / record["files"]["blurry"]).read_bytes()
+
+    # resumable: the first item is kept, the second made; the same seed gives the same item
+    assert run_synth(common) == 0
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts == {"items": 2, "made": 1, "already_done": 1, "skipped": 0, "failed": 0}
+    again = tmp_path / "again"
+    assert run_synth([*common[:3], again, *common[4:], "--limit", "1"]) == 0
+    assert (again / record["files"]["blurry"]).read_bytes() == first_bytes
+    with pytest.raises(ValueError, match="--num-frames was '3-5', now '3-6'"):
+        run_synth([*common[:-2], "--num-frames", "3-6", *common[-2:]])

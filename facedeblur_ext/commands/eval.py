@@ -1,16 +1,21 @@
 """``facedeblur eval``: the papers' evaluation protocols on our data, as tables and plots.
 
-Protocols (``--protocol``, default all three; see :mod:`facedeblur_ext.evaluation.protocols`):
+Protocols (``--protocol``, default all; see :mod:`facedeblur_ext.evaluation.protocols`):
 
 * ``kernel``: trajectory kernels 13-29 plus noise 0.03 on the CelebA test split (SNADNet);
 * ``frames``: frame-averaged blur (5..13 frames) from face videos, single-to-single and per
   frame count (CFMD-GAN);
-* ``face-region``: whole-image vs face-only motion blur (thesis).
+* ``face-region``: whole-image vs face-only motion blur (thesis);
+* ``moments``: motion from the still test faces, every sharp moment (N = 5, 7, 9) against
+  the output for its ``u`` (paper 003 Table 4's layout);
+* ``linear``: linear motion 7-15 px at any angle plus noise 0.01 on the test faces;
+* ``video``: real blurry/sharp face video pairs, aligned to the test faces' scale;
+* ``sweep``: u-sweep grids and GIFs of each CFMD-GAN row on test faces and real blurred faces.
 
-Rows: the blurry input, unsharp masking, Wiener deconvolution with the true kernel, and every
-``--model FAMILY --checkpoint PATH`` pair. Columns: PSNR, SSIM, L1 %, LPIPS, SFace identity
-distance, face detection rate (``n/a`` with the reason where a metric's weights are missing),
-with ``--fid`` also FID and KID, and time per image.
+Rows: the blurry input, unsharp masking, Wiener deconvolution with the true kernel (the
+``--baselines`` kept), and every ``--model FAMILY --checkpoint PATH`` pair. Columns: PSNR,
+SSIM, L1 %, LPIPS, SFace identity distance, face detection rate (``n/a`` with the reason where
+a metric's weights are missing), with ``--fid`` also FID and KID, and time per image.
 
 Examples::
 
@@ -18,6 +23,9 @@ Examples::
         --model cfmd --checkpoint runs/cfmd/checkpoints/last.pt -o eval/cfmd
     facedeblur eval --protocol frames --videos ../shared/data/face_video/hdtf_via_sadtalker \\
         --limit 20 --model cfmd --checkpoint cfmd.pt
+    facedeblur eval --protocol moments --limit 100 --baselines blurry --metrics psnr ssim lpips \\
+        --model cfmd --checkpoint old.pt --label previous \\
+        --model cfmd --checkpoint new.pt --label new -o eval/moments
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ import shlex
 import sys
 from pathlib import Path
 
-PROTOCOLS = ("kernel", "frames", "face-region")
+PROTOCOLS = ("kernel", "frames", "face-region", "moments", "linear", "video", "sweep")
+#: ``--baselines`` names -> the rows of ``baseline_methods``
+BASELINES = {"blurry": "blurry input", "unsharp": "unsharp mask", "wiener": "Wiener (true kernel)"}
 
 
 def default_shared_data() -> Path:
@@ -48,7 +58,12 @@ def default_shared_data() -> Path:
 def configure(parser: argparse.ArgumentParser) -> None:
     from facedeblur_ext.evaluation.baselines import DEFAULT_UNSHARP_AMOUNT, DEFAULT_UNSHARP_SIGMA
     from facedeblur_ext.evaluation.methods import MODEL_FAMILIES
-    from facedeblur_ext.evaluation.protocols import FRAME_COUNTS, KERNEL_SIZES
+    from facedeblur_ext.evaluation.protocols import (
+        FRAME_COUNTS,
+        KERNEL_SIZES,
+        MOMENT_COUNTS,
+        VIDEO_FACE_SIZE,
+    )
     from facedeblur_ext.evaluation.scoring import DEFAULT_METRICS, METRICS
 
     shared = default_shared_data()
@@ -61,8 +76,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         default=[str(shared / "face_video" / "hdtf_via_sadtalker")],
                         help="videos or frame folders for the frames protocol "
                              "(default %(default)s)")
+    parser.add_argument("--video-pairs",
+                        default=str(shared / "face_video" / "ren_iccv2019_facevideo"),
+                        help="folder of sequences with blurry/ and sharp/ frames for the video "
+                             "protocol (default %(default)s)")
+    parser.add_argument("--real-blur", default=str(shared / "real_blur" / "shen_cvpr2018"),
+                        help="real blurred faces for the sweep protocol (default %(default)s)")
     parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate only the first N images (frames: N windows per count)")
+                        help="evaluate only the first N images (frames: N windows per count; "
+                             "moments: N faces per count; video: N pairs per sequence)")
+    parser.add_argument("--baselines", nargs="*", default=list(BASELINES),
+                        choices=list(BASELINES),
+                        help="baseline rows (default all: %(default)s; none: give the option "
+                             "alone)")
     parser.add_argument("--model", action="append", default=[], choices=sorted(MODEL_FAMILIES),
                         help="a trained model row (repeatable; pair each with --checkpoint)")
     parser.add_argument("--checkpoint", action="append", default=[],
@@ -89,6 +115,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="kernel protocol noise sigma (default 0.03 trajectory, 0 motion45)")
     parser.add_argument("--frame-counts", type=int, nargs="+", default=list(FRAME_COUNTS),
                         help="frames averaged per blurry image (default 5 7 9 11 13)")
+    parser.add_argument("--moment-counts", type=int, nargs="+", default=list(MOMENT_COUNTS),
+                        help="moments protocol: sharp moments per blurry face (default 5 7 9)")
+    parser.add_argument("--video-face-size", type=int, default=VIDEO_FACE_SIZE,
+                        help="video protocol: side of the aligned face crop (default "
+                             "%(default)s, the CelebA test faces' scale)")
+    parser.add_argument("--sweep-frames", type=int, default=7,
+                        help="sweep protocol: moments per sweep, u = (i - 1) / N (default 7)")
+    parser.add_argument("--sweep-faces", type=int, nargs=2, default=[2, 4],
+                        metavar=("TEST", "REAL"),
+                        help="sweep protocol: how many test faces and real blurred faces "
+                             "(default 2 4)")
     parser.add_argument("--wiener-nsr", default="auto",
                         help="Wiener noise-to-signal ratio at the gradient scale (sigma_n^2 / "
                              "gradient energy): a number or 'auto' ((sigma_n^2 + q^2/12) / "
@@ -124,8 +161,10 @@ def build_methods(args: argparse.Namespace, device) -> list:
             nsr = float(nsr)
         except ValueError:
             raise ValueError(f"--wiener-nsr must be a number or 'auto', got {nsr!r}") from None
-    methods = baseline_methods(wiener_nsr=nsr, unsharp_sigma=args.unsharp_sigma,
-                               unsharp_amount=args.unsharp_amount)
+    kept = {BASELINES[b] for b in args.baselines}
+    methods = [m for m in baseline_methods(wiener_nsr=nsr, unsharp_sigma=args.unsharp_sigma,
+                                           unsharp_amount=args.unsharp_amount)
+               if m.name in kept]
     try:
         backend = resolve_backend(args.backend) if args.model else None
     except ImportError as exc:
@@ -153,16 +192,22 @@ def run(args: argparse.Namespace) -> int:
         run_face_region_protocol,
         run_frames_protocol,
         run_kernel_protocol,
+        run_moments_protocol,
+        run_sweep_protocol,
+        run_video_protocol,
     )
     from facedeblur_ext.evaluation.report import format_table, write_report
     from facedeblur_ext.evaluation.scoring import MetricSuite
 
     protocols = PROTOCOLS if "all" in args.protocol else tuple(
         p for p in PROTOCOLS if p in args.protocol)
+    if "all" in args.protocol and "cfmd" not in args.model:
+        protocols = tuple(p for p in protocols if p != "sweep")  # (it sweeps CFMD-GAN rows)
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
     # Fail on missing inputs before loading anything heavy.
-    if {"kernel", "face-region"} & set(protocols) and not Path(args.data).exists():
+    if {"kernel", "face-region", "moments", "linear", "sweep"} & set(protocols) \
+            and not Path(args.data).exists():
         raise FileNotFoundError(
             f"test images not found: {args.data} does not exist. Pass --data DIR, a folder of "
             "sharp face images (the 1000-image CelebA test split is "
@@ -173,6 +218,13 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(
                 f"video source not found: {', '.join(missing)}. Pass --videos with video files "
                 "or frame folders (e.g. <shared data>/face_video/hdtf_via_sadtalker)")
+    if "video" in protocols and not Path(args.video_pairs).is_dir():
+        raise FileNotFoundError(
+            f"video pairs not found: {args.video_pairs} is not a folder. Pass --video-pairs "
+            "DIR, a folder of sequences with blurry/ and sharp/ frames (<shared data>/"
+            "face_video/ren_iccv2019_facevideo)")
+    if "sweep" in protocols and "cfmd" not in args.model:
+        raise ValueError("--protocol sweep needs a --model cfmd row")
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise ValueError(f"-o {output}: exists and is not a folder")
@@ -203,6 +255,20 @@ def run(args: argparse.Namespace) -> int:
     if "face-region" in protocols:
         results.append(run_face_region_protocol(args.data, methods, suite, settings,
                                                 kernel_sizes=args.kernel_sizes))
+    if "moments" in protocols:
+        results.append(run_moments_protocol(args.data, methods, suite, settings,
+                                            moment_counts=args.moment_counts))
+    if "linear" in protocols:
+        results.append(run_kernel_protocol(args.data, methods, suite, settings, blur="linear"))
+    if "video" in protocols:
+        results.append(run_video_protocol(args.video_pairs, methods, suite, settings,
+                                          size=args.video_face_size))
+    if "sweep" in protocols:
+        real = args.real_blur if Path(args.real_blur).is_dir() else None
+        results.append(run_sweep_protocol(args.data, real, methods, settings,
+                                          frames=args.sweep_frames,
+                                          faces=args.sweep_faces[0],
+                                          real_faces=args.sweep_faces[1]))
 
     meta = {
         "command": "facedeblur eval " + " ".join(shlex.quote(a) for a in sys.argv[2:])
@@ -218,6 +284,8 @@ def run(args: argparse.Namespace) -> int:
     written = write_report(results, meta, output)
     available = {m: suite.available[m] for m in suite.available}
     for result in results:
+        if not result["tables"]:
+            continue
         table = result["tables"][0]
         print(f"\n{result['title']} ({table['title']})")
         for group in table["groups"]:

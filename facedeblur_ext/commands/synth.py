@@ -7,12 +7,20 @@ Modes:
   the background staying sharp (thesis 002).
 - ``frames``: consecutive frames of videos or frame folders averaged with a gamma CRF
   (paper 003 Eq. 5); the sharp frames are written in FMR order with their control factors.
+- ``motion``: each still face moved by a seeded continuous motion
+  (:mod:`facedeblur_ext.data.motion`): the blurry image is the CRF average of the sub-frames,
+  the N sharp moments are written in FMR order with ``u = (i - 1) / N`` (N drawn per item from
+  ``--num-frames``). The crop is centred and 16 px smaller than ``--size`` (or the input's
+  short side): room for the motion inside the still. ``--synth-config`` may hold ``motion``
+  (``MotionConfig``) and ``degradation`` (``DegradationConfig``) tables; by default the
+  blurry image is the motion blur alone, on 8-bit levels.
 
 Layout of ``--output``::
 
     blurry/<item>.png            the blurred image
     sharp/<item>.png             kernel modes: the sharp image
-    sharp/<item>/<rank>.png      frames mode: sharp frames in FMR order, rank 00 has u = 0
+    sharp/<item>/<rank>.png      frames and motion modes: sharp frames in FMR order, rank 00
+                                 has u = 0
     masks/<item>_face.png        feathered face mask (frames mode: union over the frames)
     masks/<item>_parsing.png     kernel modes: parsing labels (ids of PARSING_CLASSES)
     kernels/<item>__<key>.npy    kernel modes: arrays from the synthesizer's info (kernels)
@@ -44,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("kernel", "face-only", "frames")
+MODES = ("kernel", "face-only", "frames", "motion")
 SYNTH_MISSING = ("--mode {mode} needs facedeblur_ext.nn.BlurSynthesizer, which this installation "
                  "does not provide yet ({error}); --mode frames works without it")
 
@@ -62,13 +70,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-size", type=int, default=64,
                         help="skip inputs whose short side is below this (default 64)")
     parser.add_argument("--synth-config", type=Path, default=None,
-                        help="YAML or JSON config for BlurSynthesizer (kernel modes)")
+                        help="YAML or JSON config for BlurSynthesizer (kernel modes), or with "
+                             "'motion' and 'degradation' tables (motion mode)")
     parser.add_argument("--num-frames", default="5-13",
-                        help="frames averaged per blurry image: N or LO-HI (default 5-13)")
+                        help="frames averaged per blurry image (frames mode) or sharp moments "
+                             "per blurry image (motion mode): N or LO-HI (default 5-13)")
     parser.add_argument("--stride", type=int, default=None,
                         help="frames between window starts (default: the largest N)")
     parser.add_argument("--crf-gamma", type=float, default=2.2,
-                        help="camera response gamma for frame averaging (default 2.2; 1: none)")
+                        help="camera response gamma for frame averaging (frames and motion "
+                             "modes; default 2.2; 1: none)")
     parser.add_argument("--fmr-grid", type=float, default=1.0,
                         help="FMR position comparison grid in pixels (default 1)")
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -174,6 +185,10 @@ def _recipe(settings: dict, mode: str) -> dict:
         lo, hi = _parse_num_frames(settings.get("num_frames"))
         recipe.update(num_frames=f"{lo}-{hi}", stride=settings.get("stride") or hi,
                       crf_gamma=settings.get("crf_gamma"), fmr_grid=settings.get("fmr_grid"))
+    elif mode == "motion":
+        lo, hi = _parse_num_frames(settings.get("num_frames"))
+        recipe.update(num_frames=f"{lo}-{hi}", crf_gamma=settings.get("crf_gamma"),
+                      synth_config=settings.get("synth_config"))
     else:
         recipe.update(synth_config=settings.get("synth_config"),
                       synthesizer=settings.get("synthesizer"))
@@ -428,6 +443,48 @@ def _do_frames_item(args, name, spec, out, analyzer) -> dict:
             "size": list(transform.out_size), "files": files}
 
 
+def _motion_dataset(args, files: list[Path], analyzer):
+    """The data set whose samples ``--mode motion`` writes (motion only, every moment)."""
+    from facedeblur_ext.data import MotionBlurMixDataset
+    from facedeblur_ext.evaluation.protocols import CLEAN_DEGRADATION
+
+    config = _load_config(args.synth_config) or {}
+    unknown = set(config) - {"motion", "degradation"}
+    if unknown:
+        raise ValueError(f"--synth-config of --mode motion takes 'motion' and 'degradation' "
+                         f"tables, not {sorted(unknown)}")
+    gamma = None if args.crf_gamma == 1 else args.crf_gamma
+    return MotionBlurMixDataset(
+        files, motion_prob=1.0, num_targets=_parse_num_frames(args.num_frames),
+        return_moments=True, motion={**config.get("motion", {}), "crf_gamma": gamma},
+        degradation=config.get("degradation", CLEAN_DEGRADATION), analyzer=analyzer,
+        crop_size=args.size - 16 if args.size else None, base_size=args.size, augment=False,
+        validate=False, min_size=args.min_size)
+
+
+def _do_motion_item(args, name, path, out, dataset) -> dict:
+    from facedeblur_ext.data.io import BadImageError, load_rgb, to_uint8, write_png
+
+    try:
+        image = load_rgb(path, min_size=args.min_size)
+    except BadImageError as exc:
+        raise _SkipItem(exc.reason) from None
+    analysis = dataset.analyzer.analyze(image, name=str(path))
+    if not analysis.found:
+        raise _SkipItem("no face found")
+    seed = _item_seed(args.seed, name)
+    sample = dataset._make_sample(0, image, analysis, np.random.default_rng(seed))
+    moments, u = sample["moments"], [round(float(v), 6) for v in sample["moment_u"]]
+    files = {"blurry": f"blurry/{name}.png",
+             "sharp": [f"sharp/{name}/{rank:02d}.png" for rank in range(len(u))]}
+    for rank, moment in enumerate(moments):
+        write_png(out / files["sharp"][rank], to_uint8(moment.numpy().transpose(1, 2, 0)))
+    write_png(out / files["blurry"], to_uint8(sample["blurry"].numpy().transpose(1, 2, 0)))
+    return {"name": name, "mode": "motion", "input": str(path), "seed": seed,
+            "num_moments": len(u), "u": u, "size": list(moments.shape[-2:]),
+            "face_source": analysis.source, "files": files}
+
+
 # ---- command -------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
@@ -457,7 +514,7 @@ def _write_data_set(args: argparse.Namespace) -> int:
         return 2
     out: Path = args.output
     synthesizer = None
-    if args.mode != "frames":
+    if args.mode in ("kernel", "face-only"):
         try:
             synthesizer = _make_synthesizer(_load_config(args.synth_config))
         except ImportError as exc:
@@ -475,6 +532,8 @@ def _write_data_set(args: argparse.Namespace) -> int:
         items = _kernel_items(args)
     if args.limit is not None:
         items = items[: args.limit]
+    motion = (_motion_dataset(args, [path for _, path in items], analyzer)
+              if args.mode == "motion" and items else None)
     if not items and not skipped:
         print(f"facedeblur synth: no inputs found in {args.input}", file=sys.stderr)
         return 2
@@ -501,6 +560,8 @@ def _write_data_set(args: argparse.Namespace) -> int:
         try:
             if args.mode == "frames":
                 record = _do_frames_item(args, name, spec, out, analyzer)
+            elif args.mode == "motion":
+                record = _do_motion_item(args, name, spec, out, motion)
             else:
                 record = _do_kernel_item(args, name, spec, out, analyzer, synthesizer,
                                          face_only=args.mode == "face-only")

@@ -6,7 +6,8 @@
 - :mod:`.scoring`: per-image metrics on top of :mod:`facedeblur_ext.metrics`, with ``n/a``
   columns when a metric's weights are missing.
 - :mod:`.protocols`: kernel blur (SNADNet), frame averaging (CFMD-GAN: single-to-single and
-  per frame count) and whole-image vs face-only blur (thesis).
+  per frame count), whole-image vs face-only blur (thesis), and for issue 16 the moments of
+  motion from still faces, linear motion, real video pairs and u-sweep pictures.
 - :mod:`.report`: JSON, Markdown, PNG plots and example grids.
 """
 
@@ -19,6 +20,7 @@ from .methods import (
     UnsharpMaskMethod,
     WienerMethod,
     baseline_methods,
+    checkpoint_moments,
     checkpoint_working_size,
     load_model,
 )
@@ -32,6 +34,7 @@ __all__ = [
     "WienerMethod",
     "auto_nsr",
     "baseline_methods",
+    "checkpoint_moments",
     "checkpoint_working_size",
     "gaussian_blur",
     "load_model",

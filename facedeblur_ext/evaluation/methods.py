@@ -5,8 +5,12 @@ image is declared by flags, and the protocols hand over only what is allowed:
 
 * ``needs_kernel``: a non-blind method, given the true kernel (and the face mask and noise
   level when the protocol has them);
-* ``continuous``: the method restores any moment ``u`` in [0, 1] of the exposure (CFMD-GAN);
-  others give one image whatever the moment.
+* ``continuous``: the method takes a moment ``u`` in [0, 1] of the exposure (CFMD-GAN);
+  others give one image whatever the moment;
+* ``moments``: the method learned distinct moments (a CFMD-GAN checkpoint whose ``inference``
+  record says ``moments: true``, trained with targets at their ``u = (i - 1) / N``). A
+  continuous method without them (trained at ``u = 0.5`` only) is scored like a single-output
+  method: its output at ``u = 0.5`` against every moment.
 
 Trained models are loaded by family name with :func:`load_model` through the loaders of
 :mod:`facedeblur_ext.models`; the same function serves ``facedeblur demo`` and
@@ -37,6 +41,7 @@ __all__ = [
     "UnsharpMaskMethod",
     "WienerMethod",
     "baseline_methods",
+    "checkpoint_moments",
     "checkpoint_working_size",
     "load_model",
 ]
@@ -138,12 +143,22 @@ class ModelMethod(Method):
     family: str = ""
     checkpoint: str = ""
     multiple: int = 1
+    moments: bool = False
+    u_range: tuple[float, float] = (CENTRE_U, CENTRE_U)
 
     def __call__(self, blurry, *, u=None, kernels=None, mask=None, noise_sigma=0.0):
+        """Restore ``blurry`` [B, 3, H, W]; CFMD-GAN at ``u``: a float, or one value per
+        output (a sequence or 1-D tensor of K values for one image gives K moments in one
+        batch)."""
         with torch.no_grad():
-            if self.family == "cfmd":
-                return self.model.restore(blurry, CENTRE_U if u is None else float(u))
-            return self.model.restore(blurry)
+            if self.family != "cfmd":
+                return self.model.restore(blurry)
+            if u is None:
+                return self.model.restore(blurry, CENTRE_U)
+            values = torch.as_tensor(u, dtype=blurry.dtype, device=blurry.device).reshape(-1)
+            if values.numel() > 1 and blurry.shape[0] == 1:
+                blurry = blurry.expand(values.numel(), -1, -1, -1)
+            return self.model.restore(blurry, values if values.numel() > 1 else values[0])
 
 
 def baseline_methods(*, wiener_nsr: float | str = "auto",
@@ -193,11 +208,32 @@ def load_model(family: str, checkpoint: str | Path, device: torch.device | str =
         model = loader(path, device, backend, prefer_ema=prefer_ema)
     multiple = int(getattr(model, "size_multiple", 4 if family == "cfmd" else 1) or 1)
     name = label or f"{family} ({path.name})"
+    moments, u_range = checkpoint_moments(path) if family == "cfmd" else (False, None)
+    if family != "cfmd":
+        what = ""
+    elif moments:
+        what = (f", learned moments (u in [{u_range[0]:g}, {u_range[1]:g}]): each moment "
+                "restored at its u")
+    else:
+        what = f", no learned moments: its output at u = {CENTRE_U} stands for every moment"
     return ModelMethod(name=name, continuous=family == "cfmd", model=model, family=family,
-                       checkpoint=str(path), multiple=multiple,
-                       description=f"{family} checkpoint {path}"
-                       + (f", u = {CENTRE_U} unless a moment is asked" if family == "cfmd"
-                          else ""))
+                       checkpoint=str(path), multiple=multiple, moments=moments,
+                       u_range=u_range or (CENTRE_U, CENTRE_U),
+                       description=f"{family} checkpoint {path}{what}")
+
+
+def checkpoint_moments(checkpoint: str | Path) -> tuple[bool, tuple[float, float]]:
+    """Whether a CFMD-GAN checkpoint learned moments, and the ``u`` range it was trained on.
+
+    Read from the checkpoint's ``inference`` record (``{moments: bool, u_range: [lo, hi]}``),
+    at the top level (``facedeblur export``) or in its training config; a checkpoint without
+    it was trained at the centre moment only: ``(False, (0.5, 0.5))``.
+    """
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    record = ckpt.get("inference") or (ckpt.get("config") or {}).get("inference") or {}
+    moments = bool(record.get("moments", False))
+    lo, hi = record.get("u_range") or ((0.0, 1.0) if moments else (CENTRE_U, CENTRE_U))
+    return moments, (float(lo), float(hi))
 
 
 def checkpoint_working_size(checkpoint: str | Path, default: int = 256) -> int:

@@ -8,7 +8,9 @@ into one folder:
 * ``results.md``: the same as Markdown tables (``n/a`` columns name their reason);
 * ``<protocol>_bars.png``: per-row bars of each available metric;
 * ``<protocol>_<table>.png``: PSNR and SSIM against kernel size or frame count;
-* ``<protocol>_examples.png``: sharp | blurry | every row, for a few inputs.
+* ``<protocol>_examples.png``: sharp | blurry | every row, for a few inputs;
+* ``<protocol>_<name>.png`` / ``.gif``: a protocol's own pictures (the u-sweep grids and
+  animations).
 
 All files are written atomically (temporary file, then rename).
 """
@@ -109,6 +111,24 @@ def format_table(rows: list[dict], cells: dict, available: dict, *,
     return "\n".join(lines)
 
 
+def _stacked_table(rows: list[dict], table: dict, available: dict, columns) -> str:
+    """Paper 003 Table 4's layout: one line per (method, group) with the group (e.g. the
+    number of GT frames) and its number of pairs, then the metric columns."""
+    columns = [m for m in METRICS if m in columns]
+    head = ["Method", table["group_label"], "# of pairs",
+            *(METRIC_INFO[m][0] for m in columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        for group in table["groups"]:
+            cell = table["cells"].get(group, {}).get(row["name"])
+            if cell is None:
+                continue
+            values = [_fmt(m, cell.get(m)) if available.get(m) else "n/a" for m in columns]
+            lines.append("| " + " | ".join([row["name"], str(group), str(cell.get("images", 0)),
+                                            *values]) + " |")
+    return "\n".join(lines)
+
+
 def _matrix_table(rows: list[dict], table: dict, available: dict) -> str:
     """Rows x groups, each cell "PSNR / SSIM" (LPIPS added when available)."""
     shown = [m for m in ("psnr", "ssim", "lpips") if available.get(m)]
@@ -174,7 +194,9 @@ def markdown_report(results: list[dict], meta: dict) -> str:
         out += [f"Settings: {settings}", ""]
         for table in result["tables"]:
             out += [f"### {table['title']}", ""]
-            if table["group_label"] is None or len(table["groups"]) <= 2:
+            if table.get("layout") == "stacked":
+                out += [_stacked_table(result["rows"], table, available, columns), ""]
+            elif table["group_label"] is None or len(table["groups"]) <= 2:
                 for group in table["groups"]:
                     if table["group_label"] is not None:
                         out += [f"**{table['group_label']}: {group}**", ""]
@@ -211,6 +233,8 @@ def _plt():
 
 def _bars(result: dict, available: dict, path: Path) -> Path | None:
     """Per-row bars of each available metric; one colour per group of the first table."""
+    if not result["tables"]:
+        return None
     table = result["tables"][0]
     metrics = [m for m in ("psnr", "ssim", "lpips", "identity", "fid") if available.get(m)]
     rows = [r["name"] for r in result["rows"]
@@ -243,15 +267,23 @@ def _bars(result: dict, available: dict, path: Path) -> Path | None:
     return path
 
 
+def _number(text: str) -> float | None:
+    """A group label as a number (kernel size, frame count, moment u), else None."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _curves(result: dict, table: dict, available: dict, path: Path) -> Path | None:
-    """PSNR (and SSIM) against a numeric group (kernel size, frame count)."""
-    groups = [g for g in table["groups"] if g.lstrip("-").isdigit()]
-    metrics = [m for m in ("psnr", "ssim") if available.get(m)]
+    """PSNR, SSIM and LPIPS against a numeric group (kernel size, frame count, moment u)."""
+    groups = [g for g in table["groups"] if _number(g) is not None]
+    metrics = [m for m in ("psnr", "ssim", "lpips") if available.get(m)]
     if len(groups) < 2 or not metrics:
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
-    xs = [int(g) for g in groups]
+    xs = [_number(g) for g in groups]
     for ax, metric in zip(axes[0], metrics):
         for row in result["rows"]:
             ys = [table["cells"].get(g, {}).get(row["name"], {}).get(metric) for g in groups]
@@ -337,10 +369,29 @@ def _examples_grid(result: dict, path: Path) -> Path | None:
 
 
 def _jsonable(result: dict) -> dict:
-    out = {k: v for k, v in result.items() if k != "examples"}
-    out["examples"] = [{k: v for k, v in ex.items() if not isinstance(v, (np.ndarray, dict))}
-                       for ex in result.get("examples", [])]
+    out = {k: v for k, v in result.items() if k not in ("examples", "pictures")}
+    for key in ("examples", "pictures"):
+        out[key] = [{k: v for k, v in ex.items()
+                     if not isinstance(v, (np.ndarray, dict, list))}
+                    for ex in result.get(key, [])]
     return out
+
+
+def _pictures(result: dict, out_dir: Path) -> list[str]:
+    """Write a result's ``pictures`` (``grid``: an image, ``gif``: a list of frames) as
+    ``<protocol>_<name>.png`` and ``.gif``; returns the file names."""
+    from facedeblur_ext.commands.deblur import _save_gif
+
+    made = []
+    for picture in result.get("pictures", []):
+        stem = f"{result['protocol']}_{picture['name']}"
+        if picture.get("grid") is not None:
+            made.append(save_png(picture["grid"], out_dir / f"{stem}.png").name)
+        if picture.get("gif"):
+            _save_gif(picture["gif"], out_dir / f"{stem}.gif", picture.get("fps", 4.0),
+                      bounce=True)
+            made.append(f"{stem}.gif")
+    return made
 
 
 def write_report(results: list[dict], meta: dict, out_dir: str | os.PathLike) -> dict:
@@ -371,6 +422,7 @@ def write_report(results: list[dict], meta: dict, out_dir: str | os.PathLike) ->
         path = _examples_grid(result, out_dir / f"{protocol}_examples.png")
         if path:
             made.append(path.name)
+        made += _pictures(result, out_dir)
         result["figures"] = made
         figures += made
     payload = {"meta": meta, "results": [_jsonable(r) for r in results]}
