@@ -106,6 +106,17 @@ def test_a_second_trainer_into_a_folder_being_trained_is_refused(tmp_path):
     assert csv_steps(run / "train.csv") == [1, 2, 3]  # released at the end of fit
 
 
+def test_a_file_system_without_locks_is_written_with_a_warning(tmp_path, monkeypatch):
+    from facedeblur_ext.training import lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock files"), FolderLock(tmp_path, "test"):
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()} test\n"
+
+
 # ----------------------------------------------------------------------------- temp files
 
 
@@ -320,6 +331,18 @@ def test_a_full_disk_in_a_checkpoint_save_names_the_file(tmp_path, monkeypatch, 
     assert message == (f"[Errno {errno.ENOSPC}] No space left on device (writing "
                        f"{run / 'checkpoints' / 'last.pt'})")
     assert leftover_temp_files(run) == []
+
+
+def test_a_full_disk_in_a_log_write_names_the_run_folder(tmp_path, monkeypatch, cli_error):
+    from facedeblur_ext.training.run_log import CSVLog
+
+    def full(self, row):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(CSVLog, "write", full)
+    run = tmp_path / "run"
+    message = cli_error(train_argv(run, "train.max_steps=1"))
+    assert message == f"[Errno {errno.ENOSPC}] No space left on device (writing {run})"
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["atomic_torch_save", "capture_rng_state", "disk_full_error",
+__all__ = ["DiskFullError", "atomic_torch_save", "capture_rng_state", "disk_full_error",
            "export_inference_checkpoint", "load_checkpoint", "recover_interrupted_saves",
            "restore_rng_state"]
 
@@ -25,16 +25,23 @@ __all__ = ["atomic_torch_save", "capture_rng_state", "disk_full_error",
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def disk_full_error(exc: BaseException, path) -> OSError | None:
-    """An ``OSError`` naming ``path`` when ``exc`` (or an exception it was raised from, as
-    torch.save's ``RuntimeError`` is from the failed write) reports a full disk, else None.
+class DiskFullError(OSError):
+    """A full disk (or quota), with a message that says what was being written."""
+
+
+def disk_full_error(exc: BaseException, path) -> DiskFullError | None:
+    """A :class:`DiskFullError` naming ``path`` when ``exc`` (or an exception it was raised
+    from, as torch.save's ``RuntimeError`` is from the failed write) reports a full disk, else
+    None. ``exc`` itself when it is one already (it names the file).
 
     A failed write to an open file reports no file name (``[Errno 28] No space left on
     device``): this is the message that says which file, and so which disk."""
     seen = exc
     while seen is not None:
+        if isinstance(seen, DiskFullError):
+            return seen
         if isinstance(seen, OSError) and seen.errno in DISK_FULL:
-            return OSError(seen.errno, f"{os.strerror(seen.errno)} (writing {path})")
+            return DiskFullError(seen.errno, f"{os.strerror(seen.errno)} (writing {path})")
         seen = seen.__cause__ or seen.__context__
     return None
 

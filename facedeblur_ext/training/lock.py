@@ -13,11 +13,13 @@ the lock for the whole job (see :class:`facedeblur_ext.training.trainer.Trainer`
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 __all__ = ["LOCK_NAME", "FolderLock", "FolderLockedError", "orphan_temp_files",
@@ -76,6 +78,14 @@ class FolderLock:
             raise FolderLockedError(
                 f"{self.folder} is in use by {self._describe_holder()}; wait for it to "
                 "finish or stop it (one writer per folder)") from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                os.close(fd)
+                raise
+            # (some network file systems): work on, unprotected, rather than not at all
+            warnings.warn(f"{self.folder}: the file system cannot lock files ({exc.strerror}); "
+                          "a second writer into this folder would not be refused",
+                          stacklevel=2)
         except BaseException:
             os.close(fd)
             raise

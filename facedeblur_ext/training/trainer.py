@@ -52,6 +52,7 @@ from . import _quality
 from .checkpoint import (
     atomic_torch_save,
     capture_rng_state,
+    disk_full_error,
     load_checkpoint,
     recover_interrupted_saves,
     restore_rng_state,
@@ -535,10 +536,16 @@ class Trainer:
 
         Raises:
             FolderLockedError: another process is writing ``output_dir``.
+            DiskFullError: naming the checkpoint, or else the run folder (logs, previews).
         """
         try:
             self._setup()
             return self._train()
+        except Exception as exc:
+            full = disk_full_error(exc, Path(self.config.get("output_dir", "runs")))
+            if full is None or full is exc:
+                raise
+            raise full from exc
         finally:
             if self.lock is not None:
                 self.lock.release()
