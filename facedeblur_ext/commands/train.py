@@ -14,6 +14,8 @@ A task trained in stages (SNADNet) runs one trainer per stage, in order, each wr
 
 A run folder that already holds a run (checkpoints or logs) is not trained into again from
 scratch: continue it with ``--resume``, pick another ``-o``, or replace it with ``--overwrite``.
+A folder has one writer: a second command into a folder in use is refused, naming the PID of
+the one writing it (see ``facedeblur_ext.training.lock``).
 """
 
 from __future__ import annotations
