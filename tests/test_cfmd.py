@@ -621,3 +621,20 @@ def test_init_checkpoint_starts_from_a_trained_generator(tmp_path):
     for name, value in trained.state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[name], value.half().float())
     assert not any(torch.equal(a, b) for a, b in zip(fresh.parameters(), tuned.parameters()))
+
+
+def test_lr_multipliers_give_a_submodule_its_own_learning_rate():
+    cfg = load_config("cfmd", TINY_CONFIG, [f"model.backend={BACKEND_NAME}", "optim.lr=1e-3",
+                                            "optim.lr_multipliers={generator.mapping: 20}"])
+    task = CFMDTask(cfg, torch.device("cpu"))
+    models = task.build_models()
+    optimizer = task.build_optimizers(models)["generator"]
+    plain, mapping = optimizer.param_groups
+    assert plain["lr"] == pytest.approx(1e-3) and mapping["lr"] == pytest.approx(2e-2)
+    assert {id(p) for p in mapping["params"]} == {id(p) for p in
+                                                  models["generator"].mapping.parameters()}
+    total = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert total == len(list(models["generator"].parameters()))
+    bad = apply_overrides(cfg, ["optim.lr_multipliers={generator.mappings: 2}"])
+    with pytest.raises(ValueError, match="names no parameters"):
+        CFMDTask(bad, torch.device("cpu")).build_optimizers(models)

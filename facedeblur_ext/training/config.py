@@ -36,7 +36,7 @@ __all__ = ["KNOWN_KEYS", "apply_overrides", "deep_merge", "default_config_path",
 #: ("" is the top level). The trainer's module docstring says what each one does.
 KNOWN_KEYS: dict[str, frozenset[str]] = {
     "": frozenset({"task", "seed", "output_dir", "device", "model", "loss", "optim", "train",
-                   "val", "distributed", "data", "stage", "stages"}),
+                   "val", "distributed", "data", "stage", "stages", "inference"}),
     "train": frozenset({"epochs", "max_steps", "batch_size", "num_workers", "num_threads",
                         "shuffle", "amp", "ema", "log_every", "checkpoint_every",
                         "keep_checkpoints", "tensorboard", "progress"}),
@@ -46,7 +46,7 @@ KNOWN_KEYS: dict[str, frozenset[str]] = {
     "val.preview": frozenset({"images", "frames"}),
     "optim": frozenset({"lr", "betas", "momentum", "weight_decay", "per_model",
                         "lr_decay_per_epoch", "grad_clip_norm", "cosine_steps", "warmup_steps",
-                        "min_lr_ratio"}),
+                        "min_lr_ratio", "lr_multipliers"}),
     "distributed": frozenset({"backend", "check_replicas_every"}),
     "data": frozenset({"root", "pattern", "val_root", "val_count", "analyzer", "blur", "train",
                        "val", "collate"}),

@@ -113,17 +113,40 @@ class Task:
 
     def build_optimizers(self, models: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
         """One optimizer per model by default: Adam with ``optim.lr`` and ``optim.betas``,
-        overridable per model under ``optim.per_model.<name>``."""
+        overridable per model under ``optim.per_model.<name>``.
+
+        ``optim.lr_multipliers`` maps ``<model>.<submodule>`` prefixes to learning-rate
+        factors (e.g. ``{generator.mapping: 10}``): those parameters get their own parameter
+        group at ``lr * factor`` (the schedulers scale every group alike).
+        """
         optim = self.config.get("optim", {})
+        multipliers = {str(k): float(v) for k, v in (optim.get("lr_multipliers") or {}).items()}
+        unused = set(multipliers)
         out = {}
         for name, model in models.items():
             args = {**optim, **(optim.get("per_model", {}).get(name) or {})}
+            lr = float(args.get("lr", 1e-4))
+            groups: dict[float, list] = {}
+            for pname, param in model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                factor = 1.0
+                for prefix, value in multipliers.items():
+                    full = f"{name}.{pname}"
+                    if full == prefix or full.startswith(prefix + "."):
+                        factor = value
+                        unused.discard(prefix)
+                groups.setdefault(factor, []).append(param)
             out[name] = torch.optim.Adam(
-                [p for p in model.parameters() if p.requires_grad],
-                lr=float(args.get("lr", 1e-4)),
+                # the plain group first: the logs report param_groups[0]'s learning rate
+                [{"params": groups[f], "lr": lr * f} for f in sorted(groups, key=lambda f: f != 1)],
+                lr=lr,
                 betas=tuple(float(b) for b in args.get("betas", (0.9, 0.999))),
                 weight_decay=float(args.get("weight_decay", 0.0)),
             )
+        if unused:
+            raise ValueError(f"optim.lr_multipliers names no parameters: {sorted(unused)} "
+                             f"(use <model>.<submodule>, e.g. generator.mapping)")
         return out
 
     def build_datasets(self) -> tuple[Dataset, Dataset | None]:
