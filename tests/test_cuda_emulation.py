@@ -13,6 +13,8 @@ Select with ``pytest -m cuda_emulation``.
 from __future__ import annotations
 
 import pytest
+import test_modulated_deform_conv as mdc_tests
+import test_separable_norm as snorm_tests
 import torch
 from cuda_emulation import SCHEDULES, CudaEmulator, EmulatedLaunchError, build_emulator
 
@@ -509,3 +511,65 @@ def test_launch_error_comes_back_through_the_launcher(emulator, one_torch_thread
     images, kernels, *_ = blur_case(1, torch.float32, 1, 1, 32 * 65535 + 1, 1, 1, 1, 1)
     with pytest.raises(EmulatedLaunchError, match="CUDA error 9.*grid \\(1,65536,1\\)"):
         emulator.blur_synthesize(images, kernels, None, None, None, None, None, False, "zeros")
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite inputs: the CUDA kernels follow the CPU kernels' NaN/Inf rules, on the problems of
+# the CPU tests (tests/test_separable_norm.py, tests/test_modulated_deform_conv.py)
+
+
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, False),
+                                                  (torch.float32, True),
+                                                  (torch.float16, False)])
+@pytest.mark.parametrize("case", snorm_tests.NONFINITE_CASES)
+def test_separable_norm_non_finite(emu, dtype, channels_last, case):
+    """NaN/Inf make exactly the statistics the CPU makes NaN (CUDA's max(var, 0) used to drop
+    the NaN), independent of batches and splits; empty regions add nothing at an Inf."""
+    x, masks, nan_stats = snorm_tests.nonfinite_problem(case, "cpu", dtype)
+    gen = torch.Generator().manual_seed(5)
+    gamma = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+    beta = torch.randn(1, x.shape[1], 1, 1, generator=gen, dtype=torch.float64).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    eps = 1e-5
+    out, mean, rstd = emu.separable_norm_forward(x, masks, gamma, beta, eps)
+    ref_out, ref_mean, ref_rstd = cpu_op(OPS.separable_norm_forward, x, masks, gamma, beta, eps)
+    if dtype == torch.float16:  # statistics stay float32 on CUDA
+        ref_mean, ref_rstd = ref_mean.float(), ref_rstd.float()
+    assert torch.equal(mean.isnan(), nan_stats) and torch.equal(rstd.isnan(), nan_stats)
+    loose = {"rtol": 3e-2, "atol": 3e-2} if dtype == torch.float16 else {}
+    assert_close(mean, ref_mean, dtype=dtype, **loose)
+    assert_close(rstd, ref_rstd, dtype=dtype, **loose)
+    assert_close(out, ref_out, **loose)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+    want = [True, True, True, True]
+    got = emu.separable_norm_backward(grad, x, masks, gamma, beta, ref_mean, ref_rstd, eps, want)
+    ref = cpu_op(OPS.separable_norm_backward, grad, x, masks, gamma, beta, ref_mean, ref_rstd,
+                 eps, want)
+    loose = {"rtol": 0.1, "atol": 0.3} if dtype == torch.float16 else {}  # masks: sums over C
+    for name, a, b in zip(["x", "masks", "gamma", "beta"], got, ref):
+        assert_close(a, b, **loose, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("kind", mdc_tests.NON_FINITE_KINDS)
+def test_modulated_deform_conv_non_finite(emu, kind, deterministic):
+    """A NaN offset, mask or input reaches the output and gradients as on the CPU (a NaN
+    sampling point used to sample zeros: bias only)."""
+    case, leaves = mdc_tests._non_finite_problem(kind, torch.float32, "cpu")
+    x, offset, weight, bias, mask = (t.detach() for t in leaves)
+    geometry = [(v, v) if isinstance(v, int) else v
+                for v in (case.stride, case.padding, case.dilation)]
+    got = emu.modulated_deform_conv2d(x, offset, weight, bias, mask, *geometry, case.groups,
+                                      tile_elements=200)
+    ref = OPS.modulated_deform_conv2d(x, offset, weight, bias, mask, *geometry)
+    assert got.isnan().any()
+    assert_close(got, ref)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6))
+    want = [True] * 5
+    got = emu.modulated_deform_conv2d_backward(grad, x, offset, weight, mask, *geometry,
+                                               case.groups, want, deterministic,
+                                               tile_elements=200)
+    ref = OPS.modulated_deform_conv2d_backward(grad, x, offset, weight, mask, *geometry, want,
+                                               deterministic)
+    for name, a, b in zip(["input", "offset", "mask", "weight", "bias"], got, ref):
+        assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
