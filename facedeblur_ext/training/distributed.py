@@ -1,9 +1,11 @@
 """Process-group setup for ``torchrun`` (DDP on NCCL for CUDA, gloo for CPU).
 
 Exit: a process that joined a group leaves it with :func:`shutdown_distributed` (``facedeblur
-train`` does on every path; an ``atexit`` hook does it for other callers). A process group left
-for the interpreter's teardown to destroy can abort the process ("terminate called without an
-active exception") after its work is done, which makes torchrun report a failure.
+train`` does on every path; an ``atexit`` hook does it for other callers). A gloo group left
+for the interpreter's teardown to destroy still has worker threads holding finished work with
+its tensors; freeing those while the interpreter is torn down can abort the process
+("terminate called without an active exception", SIGABRT) after its work is done, and torchrun
+then reports a failure (pytorch/pytorch#190489; #179291 proposed the same atexit hook).
 
 Orphans: torchrun starts each worker in its own session, so killing only the launcher (SIGKILL)
 would leave the workers training; a worker asks the kernel for a signal when its launcher dies
