@@ -307,7 +307,8 @@ void check_guards(Block& b) {
       const Span& s = overrun ? spans[i - 1] : spans[i];
       const size_t distance = overrun ? k - s.end + 1 : s.begin - k;
       b.fault = block_label(b) + ": shared memory written " + std::to_string(distance) +
-                " byte(s) " + (overrun ? "past the end of " : "before the start of ") + s.what;
+                (overrun ? " byte(s) past the end of " : " byte(s) before the start of ") +
+                s.what;
       return;
     }
     if (i < spans.size()) pos = spans[i].end;
@@ -660,9 +661,8 @@ void launch(const KernelInfo& kernel, dim3 grid, dim3 block, size_t dynamic_smem
     return;
   }
   const auto known = e.static_smem.find(kernel.address);
-  if (!smem_ok(e, kernel, known != e.static_smem.end() ? known->second : 0, dynamic_smem)) {
-    return;
-  }
+  const bool static_known = known != e.static_smem.end();
+  if (!smem_ok(e, kernel, static_known ? known->second : 0, dynamic_smem)) return;
   const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
   std::vector<uint64_t> order(blocks);
   for (uint64_t i = 0; i < blocks; ++i) order[i] = i;
@@ -686,7 +686,7 @@ void launch(const KernelInfo& kernel, dim3 grid, dim3 block, size_t dynamic_smem
       fail_launch(e, cudaErrorLaunchFailure, b.fault);
       return;
     }
-    if (known == e.static_smem.end() && i == 0) {
+    if (!static_known && i == 0) {
       // The static shared memory is known once a block has declared it: check it now (the
       // first block already ran; its writes do not matter to a failed launch).
       e.static_smem[kernel.address] = static_bytes(b);
