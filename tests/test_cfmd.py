@@ -510,7 +510,12 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
 
 def test_cli_train_and_deblur_end_to_end(tmp_path, capsys):
     run_dir = tmp_path / "run"
-    argv = ["train", "cfmd", "--config", str(TINY_CONFIG), "-o", str(run_dir),
+    # A model trained on moments says so (facedeblur_ext.inference); deblur sweeps its range.
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["inference"] = {"moments": True, "u_range": [0.0, 1.0]}
+    config_path = tmp_path / "cfmd_tiny_moments.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    argv = ["train", "cfmd", "--config", str(config_path), "-o", str(run_dir),
             f"data.train.args.roots=[{FRAMES}]", f"data.val.args.roots=[{FRAMES}]",
             f"model.backend={BACKEND_NAME}", "train.max_steps=3", "val.every_steps=2"]
     assert cli.main(argv) == 0

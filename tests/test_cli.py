@@ -147,3 +147,29 @@ def test_info_lists_the_registered_ops_and_nothing_else(capsys):
                           "trajectory_kernels"])
     assert cli.main(["info"]) == 0
     assert "ops (12): average_frames," in capsys.readouterr().out
+
+
+def test_export_copies_the_inference_table_and_checks_it(tmp_path, cli_error):
+    from facedeblur_ext.inference import InferenceSettings, read_inference_settings
+
+    def training_checkpoint(name, inference):
+        path = tmp_path / name
+        config = {} if inference is None else {"inference": inference}
+        torch.save({"task": "cfmd", "config": config,
+                    "models": {"generator": {"weight": torch.randn(2)}}}, path)
+        return path
+
+    moments = training_checkpoint("moments.pt", {"moments": True, "u_range": [0.0, 0.875]})
+    assert cli.main(["export", str(moments), str(tmp_path / "m.pt")]) == 0
+    assert load_checkpoint(tmp_path / "m.pt")["inference"] == {"moments": True,
+                                                               "u_range": [0.0, 0.875]}
+    assert read_inference_settings(tmp_path / "m.pt") == InferenceSettings(True, (0.0, 0.875))
+
+    still = training_checkpoint("still.pt", None)  # no table: one moment at u = 0.5
+    assert cli.main(["export", str(still), str(tmp_path / "s.pt")]) == 0
+    assert "inference" not in load_checkpoint(tmp_path / "s.pt")
+    assert read_inference_settings(tmp_path / "s.pt") == InferenceSettings(False, (0.5, 0.5))
+
+    bad = training_checkpoint("bad.pt", {"moments": True, "u_range": [0.9, 0.1]})
+    assert "0 <= u_min <= u_max <= 1" in cli_error(["export", str(bad), str(tmp_path / "b.pt")])
+    assert not (tmp_path / "b.pt").exists()

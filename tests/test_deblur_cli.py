@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO_ROOT
 from PIL import Image
 
@@ -26,16 +27,23 @@ class _IdentityGenerator:
         return blurry.clamp(0, 1)
 
 
+def stand_in_checkpoint(path, inference=None):
+    """A checkpoint file holding only the task and, if given, the inference settings (the
+    weights come from the monkeypatched loader)."""
+    torch.save({"task": "cfmd", **({"inference": inference} if inference else {})}, path)
+    return path
+
+
 @pytest.fixture
 def identity_model(monkeypatch, tmp_path):
     """``--checkpoint`` arguments whose model is the identity (for --full-photo too: its
-    loader is ``load_generator`` as well)."""
+    loader is ``load_generator`` as well), trained on moments over u in [0, 1]."""
     from facedeblur_ext.models import cfmd
 
     monkeypatch.setattr(cfmd, "load_generator", lambda *args, **kwargs: _IdentityGenerator())
     monkeypatch.setenv("FACEDEBLUR_CACHE_DIR", str(tmp_path / "face_cache"))
-    checkpoint = tmp_path / "stand_in.pt"
-    checkpoint.write_bytes(b"")
+    checkpoint = stand_in_checkpoint(tmp_path / "stand_in.pt",
+                                     {"moments": True, "u_range": [0.0, 1.0]})
     return ["--checkpoint", str(checkpoint), "--device", "cpu"]
 
 
@@ -182,3 +190,142 @@ def test_gif_frame_time_refuses_a_non_positive_rate():
     assert deblur.gif_frame_ms(8.0) == 120
     with pytest.raises(ValueError, match="frame rate must be above 0"):
         deblur.gif_frame_ms(0)
+
+
+# ----------------------------------------------------------------------------- moments
+
+
+class _CountingGenerator(_IdentityGenerator):
+    """The identity, shifted by u (so frames differ), counting its calls; raises
+    KeyboardInterrupt on call ``interrupt_at`` (a user's Ctrl-C)."""
+
+    def __init__(self, interrupt_at=None):
+        self.calls, self.interrupt_at = [], interrupt_at
+
+    def restore(self, blurry, u):
+        self.calls.append(u)
+        if len(self.calls) == self.interrupt_at:
+            raise KeyboardInterrupt
+        return (blurry + 0.1 * u).clamp(0, 1)
+
+
+@pytest.fixture
+def counting_model(monkeypatch, tmp_path):
+    from facedeblur_ext.models import cfmd
+
+    holder = {"model": _CountingGenerator()}
+    monkeypatch.setattr(cfmd, "load_generator", lambda *args, **kwargs: holder["model"])
+    return holder
+
+
+def test_frames_follow_the_checkpoint_moments(tmp_path, counting_model):
+    moments = stand_in_checkpoint(tmp_path / "moments.pt",
+                                  {"moments": True, "u_range": [0.0, 0.75]})
+    out = tmp_path / "out"
+    assert run_deblur([FACE, "-o", out, "--checkpoint", moments, "--device", "cpu"]) == 0
+    frames = sorted(p.name for p in (out / "celeba_201418").iterdir())
+    assert len(frames) == 7 and frames[0] == "frame_000_u0.000.png"  # default: 7 moments
+    assert frames[-1] == "frame_006_u0.750.png"  # u_k = u_min + k (u_max - u_min) / 6
+    assert counting_model["model"].calls == pytest.approx([0.125 * k for k in range(7)])
+
+    still = stand_in_checkpoint(tmp_path / "still.pt")  # no inference table: one moment
+    counting_model["model"] = _CountingGenerator()
+    assert run_deblur([FACE, "-o", tmp_path / "one", "--checkpoint", still, "--device",
+                       "cpu"]) == 0
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["celeba_201418.png"]
+    assert counting_model["model"].calls == [0.5]
+    with pytest.raises(ValueError, match="restores one moment.*--frames 1"):
+        run_deblur([FACE, "-o", tmp_path / "two", "--checkpoint", still, "--frames", "7"])
+    assert not (tmp_path / "two").exists()
+
+
+# ----------------------------------------------------------------------------- long runs
+
+
+def test_frames_are_written_as_made_and_an_interrupted_sweep_resumes(tmp_path, identity_model,
+                                                                     counting_model):
+    out = tmp_path / "out"
+    counting_model["model"] = _CountingGenerator(interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run_deblur([FACE, "-o", out, "--frames", "5", *identity_model])
+    # Two complete frames, nothing half-written, no GIF yet.
+    assert sorted(p.name for p in out.rglob("*")) == [
+        "celeba_201418", "frame_000_u0.000.png", "frame_001_u0.250.png"]
+    counting_model["model"] = _CountingGenerator()
+    assert run_deblur([FACE, "-o", out, "--frames", "5", *identity_model]) == 0
+    assert counting_model["model"].calls == [0.5, 0.75, 1.0]  # only the missing frames
+    with Image.open(out / "celeba_201418.gif") as gif:
+        assert gif.n_frames == 5
+
+    counting_model["model"] = _CountingGenerator()
+    assert run_deblur([FACE, "-o", out, "--frames", "5", *identity_model]) == 0
+    assert counting_model["model"].calls == []  # a finished rerun skips the input
+    assert run_deblur([FACE, "-o", out, "--frames", "5", "--redo", *identity_model]) == 0
+    assert len(counting_model["model"].calls) == 5
+
+
+def test_large_images_go_in_tiles_and_come_back_whole(tmp_path, identity_model, capsys):
+    rgb = load_rgb(FACE)
+    big = np.concatenate([np.concatenate([rgb, rgb[::-1]], axis=1)] * 2, axis=0)[:250, :230]
+    Image.fromarray(big).save(tmp_path / "big.png")
+    out = tmp_path / "out"
+    assert run_deblur([tmp_path / "big.png", "-o", out, "--frames", "1", "--tile", "96",
+                       "--tile-overlap", "32", *identity_model]) == 0
+    np.testing.assert_array_equal(as_array(out / "big.png"), big)
+
+
+# ----------------------------------------------------------------------------- before the work
+
+
+def test_an_unwritable_output_is_reported_before_the_model_loads(tmp_path, monkeypatch):
+    from facedeblur_ext.models import cfmd
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cfmd, "load_generator", no_model)
+    checkpoint = stand_in_checkpoint(tmp_path / "c.pt")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match="is not a folder"):
+        run_deblur([FACE, "-o", blocker, "--checkpoint", checkpoint])
+    with pytest.raises(OSError, match="cannot write to the output folder"):
+        run_deblur([FACE, "-o", blocker / "sub", "--checkpoint", checkpoint])
+    for extra in ([], ["--full-photo"]):
+        with pytest.raises(OSError):
+            run_deblur([FACE, "-o", blocker, "--checkpoint", checkpoint, *extra])
+
+
+def test_no_output_folder_when_nothing_can_be_read(tmp_path, identity_model):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    (inputs / "b.jpg").write_text("hello")
+    for extra in (["--frames", "1"], ["--full-photo"]):
+        with pytest.raises(ValueError, match="none of the 2 input"):
+            run_deblur([inputs, "-o", tmp_path / "out", *extra, *identity_model])
+        assert not (tmp_path / "out").exists()
+
+
+def test_full_photo_hides_third_party_logs_unless_verbose(tmp_path, identity_model, capfd):
+    photo = tmp_path / "photo.png"
+    Image.fromarray(load_rgb(FACES / "ffhq_00000.png")).save(photo)
+    assert run_deblur([photo, "-o", tmp_path / "out", "--full-photo", "--face-size", "64",
+                       *identity_model]) == 0
+    captured = capfd.readouterr()
+    noise = [line for line in captured.err.splitlines()
+             if line.startswith(("I0000", "W0000", "INFO:", "WARNING: All log"))]
+    assert noise == []
+    assert "wrote 1 photo(s) with 1 restored face(s)" in captured.out
+
+
+def test_the_deblur_commands_do_not_import_each_other():
+    import ast
+
+    source = (REPO_ROOT / "facedeblur_ext" / "commands" / "deblur_full_photo.py").read_text()
+    imported = {node.module for node in ast.walk(ast.parse(source))
+                if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.Import) for alias in node.names}
+    assert "facedeblur_ext.commands.deblur" not in imported
+    assert "facedeblur_ext.commands.deblur_common" in imported

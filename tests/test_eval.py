@@ -433,8 +433,12 @@ def test_eval_missing_data_is_a_clear_error(tmp_path, cli_error):
 
 
 def test_demo_with_a_tiny_checkpoint(tmp_path, tiny_checkpoint, capsys):
+    # A model that learned moments (facedeblur_ext.inference): the GIF sweeps its u range.
+    moments = tmp_path / "moments.pt"
+    torch.save({**torch.load(tiny_checkpoint, weights_only=True),
+                "inference": {"moments": True, "u_range": [0.0, 0.8]}}, moments)
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--checkpoint", str(tiny_checkpoint), "-o", str(out), "--faces", "2",
+    assert cli.main(["demo", "--checkpoint", str(moments), "-o", str(out), "--faces", "2",
                      "--frames", "3", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     for row in ("| blurry input |", "| unsharp mask |", "| Wiener (true kernel) |",
@@ -446,8 +450,22 @@ def test_demo_with_a_tiny_checkpoint(tmp_path, tiny_checkpoint, capsys):
         assert gif.size == (3 * 128, 128)
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["faces"] == ["celeba_201418.png", "celeba_201421.png"]
+    assert payload["u_sweep"] == pytest.approx([0.0, 0.4, 0.8])
     assert math.isfinite(payload["cells"]["cfmd (restored)"]["psnr"])
     assert "| cfmd (restored) |" in (out / "metrics.md").read_text()
+
+    # Without moments (no inference table): one moment, no GIF of copies, and a note.
+    still = tmp_path / "still"
+    assert cli.main(["demo", "--checkpoint", str(tiny_checkpoint), "-o", str(still), "--faces",
+                     "1", "--device", "cpu"]) == 0
+    assert "records no moments" in capsys.readouterr().err
+    assert sorted(p.name for p in still.iterdir()) == ["demo_grid.png", "metrics.json",
+                                                       "metrics.md"]
+    from facedeblur_ext.data.io import current_umask
+
+    # The files follow the umask (not mkstemp's 0600).
+    assert {oct(p.stat().st_mode & 0o777) for p in still.iterdir()} == {
+        oct(0o666 & ~current_umask())}
 
 
 def test_demo_with_the_default_checkpoint_restores_the_bundled_faces(tmp_path, capsys, cli_error):

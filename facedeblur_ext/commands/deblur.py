@@ -1,11 +1,17 @@
 """``facedeblur deblur``: restore blurry face images with a trained model.
 
-INPUT is one image or a folder of images; any size works (inputs are padded to what the
-network needs and the results cropped back).
+INPUT is one image or a folder of images, of any size: images larger than ``--tile`` pixels
+are restored in overlapping tiles blended together (:func:`facedeblur_ext.inference.
+restore_tiled`), so memory depends on the tile, not on the image (a 6000 x 4000 photo stays
+under 4 GB; README), and a progress bar shows the tiles.
 
-With CFMD-GAN (``--model cfmd``), ``--frames N`` sweeps the control factor ``u`` evenly over
-[0, 1] and writes the N sharp moments hidden in the blur plus an animated GIF of them;
-``--frames 1`` writes the centre moment (``u = 0.5``) alone. Output layout in OUT:
+With CFMD-GAN (``--model cfmd``), ``--frames N`` restores N moments of the exposure. The
+checkpoint says what it learned (:mod:`facedeblur_ext.inference`): a model trained on moments
+records ``inference: {moments: true, u_range: [u_min, u_max]}``, and the N frames sweep
+``u_k = u_min + k (u_max - u_min) / (N - 1)``, where ``u = (i - 1) / N`` is the rank of a moment
+in FMR order (paper 003: the leftmost left-eye position first); the default is 7 frames. A
+model without moments (the bundled one, trained on still faces) restores one frame, at the
+centre of its range (``u = 0.5``), and ``--frames`` above 1 is refused. Output layout in OUT:
 ``<name>.png`` for one frame; otherwise ``<name>/frame_000_u0.000.png`` ... and ``<name>.gif``.
 
 With SNADNet (``--model snadnet``), the checkpoint is stage II's
@@ -15,62 +21,68 @@ parsing map in colour) with ``--save-parsing``. The thesis baselines (``--model 
 ``baseline_gan``) write ``<name>.png``.
 
 ``--full-photo`` takes whole photos instead of face crops: every detected face is deblurred
-(CFMD-GAN at ``u = 0.5``) and pasted back (see :mod:`facedeblur_ext.commands.deblur_full_photo`).
+at the photo's resolution (CFMD-GAN at the centre ``u``) and pasted back (see
+:mod:`facedeblur_ext.commands.deblur_full_photo`).
 
 Inputs are read by :func:`facedeblur_ext.data.load_rgb` in every mode: EXIF orientation is
 applied, grayscale images (8 or 16 bit) are expanded to RGB and an alpha channel is dropped.
 ``<name>`` is the input's file name without its extension; where two inputs share it
-(``face.png``, ``face.jpg``) the extension is kept in both (``face_png``, ``face_jpg``). The
-command refuses, before any work, an OUT where an output would replace an input file (e.g.
-``-o`` the input folder with ``--frames 1``). A rerun replaces the outputs of the same inputs;
-frame files of an earlier run with another ``--frames`` are removed from ``<name>/``. An input
-that cannot be read is reported and skipped; the others are still written and the command then
-exits with status 1.
+(``face.png``, ``face.jpg``) the extension is kept in both (``face_png``, ``face_jpg``).
+
+Before any model is loaded the command refuses an OUT where an output would replace an input
+file (e.g. ``-o`` the input folder with ``--frames 1``), an OUT it cannot write, and a batch
+of which no input can be read (then no OUT is created). Every file is written atomically
+(temporary file, then rename), and frames as they are produced: Ctrl-C leaves only complete
+files. A rerun skips the outputs that exist (frame by frame: an interrupted sweep resumes);
+``--redo`` recomputes them, e.g. after changing the checkpoint. Frame files of an earlier run
+with another ``--frames`` are removed from ``<name>/``. An input that cannot be read is
+reported and skipped; the others are still written and the command then exits with status 1.
+Third-party log lines (MediaPipe, TFLite) are hidden unless ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from facedeblur_ext.commands import checkpoint_to_run, resolve_device
+from facedeblur_ext.commands import checkpoint_to_run, deblur_full_photo, resolve_device
+from facedeblur_ext.commands.deblur_common import (
+    check_outputs,
+    finish,
+    list_inputs,
+    output_names,
+    positive_float,
+    positive_int,
+    prepare_output_folder,
+    progress_bar,
+    readable_images,
+    save_png,
+)
 
-if TYPE_CHECKING:
-    import numpy as np
+# ``evaluation.report`` and the tests import the GIF helpers from here.
+from facedeblur_ext.data.io import gif_frame_ms, write_gif  # noqa: F401
 
 MODELS = ("cfmd", "snadnet", "baseline_ae", "baseline_gan")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a number above 0 (``nan`` refused)."""
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
+def _save_gif(arrays, path: Path, fps: float, bounce: bool) -> None:
+    """The GIF writer under the name ``evaluation.report`` imports."""
+    write_gif(path, arrays, fps, bounce)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    from facedeblur_ext.inference import DEFAULT_TILE, DEFAULT_TILE_OVERLAP
+
     parser.add_argument("input", help="an image file or a folder of images")
     parser.add_argument("-o", "--output", required=True, help="output folder")
     parser.add_argument("--model", choices=MODELS, default="cfmd", help="model family")
     parser.add_argument("--checkpoint", default=None,
                         help="checkpoint (.pt) from `facedeblur train` or `facedeblur export`; "
                              "default for --model cfmd: the bundled cfmd_default.pt")
-    parser.add_argument("--frames", type=positive_int, default=7,
-                        help="cfmd: moments to restore (u evenly in [0, 1]; 1 gives u = 0.5)")
+    parser.add_argument("--frames", type=positive_int, default=None,
+                        help="cfmd: moments to restore, u evenly over the range the checkpoint "
+                             "was trained on (default 7 for a model trained on moments, else 1)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--backend", default="facedeblur_ext.ops",
                         help="provider of the fused op (deformable conv for cfmd, separable "
@@ -82,55 +94,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=positive_float, default=8.0, help="GIF frame rate")
     parser.add_argument("--bounce", action="store_true",
                         help="GIF plays forward then backward")
-    from facedeblur_ext.commands import deblur_full_photo
-
+    parser.add_argument("--redo", action="store_true",
+                        help="recompute outputs that exist (default: a rerun skips them)")
+    parser.add_argument("--tile", type=positive_int, default=DEFAULT_TILE,
+                        help="largest image side restored in one piece; larger images go in "
+                             "overlapping tiles (memory follows the tile; default "
+                             "%(default)s)")
+    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_TILE_OVERLAP,
+                        help="pixels shared by neighbouring tiles (default %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads (default: the CPUs other processes leave idle)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show third-party log lines (MediaPipe, TFLite)")
     deblur_full_photo.add_arguments(parser)
-
-
-def list_inputs(path: Path) -> list[Path]:
-    """The images of the folder ``path`` (not recursive), or the file ``path`` itself."""
-    from facedeblur_ext.data.io import list_images
-
-    if path.is_dir():
-        files = list_images(path, recursive=False)
-        if not files:
-            raise FileNotFoundError(f"no images in {path}")
-        return files
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    return [path]
-
-
-def output_names(inputs: list[Path]) -> list[str]:
-    """The ``<name>`` of each input's outputs: its stem, or ``<stem>_<extension>`` where
-    inputs share a stem (``face.png`` and ``face.jpg`` would otherwise write one file)."""
-    stem_counts = Counter(p.stem for p in inputs)
-    return [f"{p.stem}_{p.suffix.lstrip('.').lower()}" if stem_counts[p.stem] > 1 else p.stem
-            for p in inputs]
-
-
-def check_outputs(inputs: list[Path], outputs: list[list[Path]]) -> None:
-    """Refuse, before any work, outputs that would replace an input or another input's output.
-
-    Args:
-        inputs: the input files.
-        outputs: per input, the files written for it.
-
-    Raises:
-        ValueError: an output path is an input file, or two inputs write the same path.
-    """
-    input_by_path = {p.resolve(): p for p in inputs}
-    writer_by_path: dict[Path, Path] = {}
-    for source, files in zip(inputs, outputs):
-        for file in files:
-            key = file.resolve()
-            if key in input_by_path:
-                raise ValueError(f"the output {file} would replace the input "
-                                 f"{input_by_path[key]}; choose another --output folder")
-            writer = writer_by_path.setdefault(key, source)
-            if writer != source:
-                raise ValueError(f"{writer} and {source} would both be written to {file}; "
-                                 "rename one of them")
 
 
 def frame_file_name(index: int, u: float) -> str:
@@ -151,80 +127,7 @@ def planned_outputs(args: argparse.Namespace, out_dir: Path, name: str,
             *(frame_dir / frame_file_name(j, u) for j, u in enumerate(controls))]
 
 
-def read_image(path: Path) -> np.ndarray:
-    """An input image as uint8 RGB ``[H, W, 3]``, read the same way in every mode: EXIF
-    orientation applied, grayscale expanded to RGB, alpha dropped, any size.
-
-    Raises:
-        BadImageError: the file cannot be decoded.
-    """
-    from facedeblur_ext.data import load_rgb
-
-    return load_rgb(path, min_size=1, allow_grayscale=True, allow_alpha=True)
-
-
-def readable_images(inputs: list[Path], names: list[str], failures: list[Path], *,
-                    desc: str) -> Iterator[tuple[Path, str, np.ndarray]]:
-    """``(path, name, image)`` for each input that can be read, with a progress bar.
-
-    An unreadable input is reported on stderr and appended to ``failures`` instead, so that
-    one bad file does not stop a batch.
-    """
-    from tqdm.auto import tqdm
-
-    from facedeblur_ext.data import BadImageError
-
-    for path, name in tqdm(list(zip(inputs, names)), desc=desc, disable=len(inputs) < 2):
-        try:
-            image = read_image(path)
-        except BadImageError as exc:
-            tqdm.write(f"facedeblur deblur: skipped {path}: {exc.reason}", file=sys.stderr)
-            failures.append(path)
-            continue
-        yield path, name, image
-
-
-def finish(written: str, failures: list[Path], num_inputs: int) -> int:
-    """Print the summary line; exit status 1 when some inputs could not be read."""
-    print(written)
-    if failures:
-        print(f"facedeblur deblur: {len(failures)} of {num_inputs} input(s) could not be read "
-              "and were skipped (see above)", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _save_png(array, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def gif_frame_ms(fps: float) -> int:
-    """Frame time for ``fps``: GIF stores centiseconds, and players stretch frames under 20 ms."""
-    if not fps > 0:
-        raise ValueError(f"the GIF frame rate must be above 0, got {fps}")
-    return max(20, round(100 / fps) * 10)
-
-
-def _save_gif(arrays, path: Path, fps: float, bounce: bool) -> None:
-    import numpy as np
-    from PIL import Image
-
-    # One palette for the whole animation (no colour flicker between frames).
-    palette = Image.fromarray(np.concatenate(list(arrays), axis=0)).quantize(256)
-    frames = [Image.fromarray(a).quantize(palette=palette) for a in arrays]
-    if bounce and len(frames) > 2:
-        frames = frames + frames[-2:0:-1]
-    tmp = path.with_name(f".{path.name}.tmp")
-    frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                   duration=gif_frame_ms(fps), loop=0, disposal=1)
-    os.replace(tmp, path)
-
-
-def _to_batch(image: np.ndarray, device):
+def _to_batch(image, device):
     """uint8 ``[H, W, 3]`` -> [1, 3, H, W] float32 in [0, 1] on ``device``."""
     import torch
 
@@ -235,82 +138,156 @@ def _to_uint8(image_chw):
     return image_chw.mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
+class _FramesOnDisk:
+    """The frames of a sweep as a sequence read from their files (the GIF is built from what
+    was written, so a long sweep is never held in memory)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from facedeblur_ext.data import load_rgb
+
+        return load_rgb(self.paths[index], min_size=1)
+
+
+def _controls(args: argparse.Namespace) -> list[float]:
+    """The ``u`` of each frame: from the checkpoint's inference settings for CFMD-GAN."""
+    from facedeblur_ext.inference import default_frames, moment_controls, read_inference_settings
+
+    if args.model != "cfmd":
+        return [0.5]
+    settings = read_inference_settings(args.checkpoint)
+    frames = args.frames if args.frames is not None else default_frames(settings)
+    if args.full_photo:
+        frames = 1  # one photo out: the centre moment
+    return moment_controls(settings, frames)
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
 
-    from facedeblur_ext.models.cfmd import control_sweep, load_generator
-    from facedeblur_ext.nn import resolve_backend
+    from facedeblur_ext.inference import inference_threads
 
+    if args.frames is not None and args.full_photo and args.frames > 1:
+        raise ValueError("--full-photo writes one photo per input (the centre moment); "
+                         "drop --frames")
     device = resolve_device(args.device)
     out_dir = Path(args.output)
     inputs = list_inputs(Path(args.input))
     names = output_names(inputs)
     args.checkpoint = str(checkpoint_to_run(args.model, args.checkpoint))
-    controls = control_sweep(args.frames)
-    check_outputs(inputs, [planned_outputs(args, out_dir, name, controls) for name in names])
+    controls = _controls(args)
+    planned = [planned_outputs(args, out_dir, name, controls) for name in names]
+    check_outputs(inputs, planned)
+    # A finished input (every output there) is not read again unless --redo.
+    todo = [i for i, files in enumerate(planned)
+            if args.redo or not all(f.exists() for f in files)]
+    if not todo:
+        print(f"nothing to do: the outputs of all {len(inputs)} input(s) exist in {out_dir} "
+              "(--redo recomputes them)")
+        return 0
+    skipped = len(inputs) - len(todo)
+    if skipped:
+        print(f"skipping {skipped} input(s) whose outputs exist (--redo recomputes them)",
+              file=sys.stderr)
+    inputs, names = [inputs[i] for i in todo], [names[i] for i in todo]
+    prepare_output_folder(out_dir, inputs)
+    torch.set_num_threads(inference_threads(args.threads))
     if args.full_photo:
-        from facedeblur_ext.commands import deblur_full_photo
-
-        return deblur_full_photo.run(args, inputs, names)
-    backend = resolve_backend(args.backend)
+        return deblur_full_photo.run(args, inputs, names, device)
     if args.model != "cfmd":
-        return _run_single_output(args, inputs, names, out_dir, device, backend)
+        return _run_single_output(args, inputs, names, out_dir, device)
+    return _run_moments(args, inputs, names, out_dir, device, controls)
 
-    generator = load_generator(args.checkpoint, device, backend, prefer_ema=not args.no_ema)
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+def _tiled(args: argparse.Namespace, restore):
+    """``restore`` over tiles of ``--tile`` pixels, with a progress bar when there are several."""
+    from facedeblur_ext.inference import restore_tiled, tile_layout
+
+    def run_tiles(batch):
+        height, width = batch.shape[-2:]
+        total = (len(tile_layout(height, args.tile, args.tile_overlap))
+                 * len(tile_layout(width, args.tile, args.tile_overlap)))
+        with progress_bar(total=total, desc="tiles", unit="tile", leave=False) as bar:
+            return restore_tiled(restore, batch, tile=args.tile, overlap=args.tile_overlap,
+                                 progress=lambda done: bar.update(done - bar.n))
+
+    return run_tiles
+
+
+def _run_moments(args, inputs: list[Path], names: list[str], out_dir: Path, device,
+                 controls: list[float]) -> int:
+    """CFMD-GAN: the moments of each input, each frame written as soon as it is made."""
+    import torch
+
+    from facedeblur_ext.models.cfmd import load_generator
+    from facedeblur_ext.nn import resolve_backend
+
+    generator = load_generator(args.checkpoint, device, resolve_backend(args.backend),
+                               prefer_ema=not args.no_ema)
     failures: list[Path] = []
     written = 0
-    for _path, name, image in readable_images(inputs, names, failures, desc="deblur"):
-        blurry = _to_batch(image, device)
-        frames = []
-        for u in controls:
-            frames.append(_to_uint8(generator.restore(blurry, u)[0]))
-        if len(frames) == 1:
-            _save_png(frames[0], out_dir / f"{name}.png")
-        else:
+    with torch.no_grad():
+        for _path, name, image in readable_images(inputs, names, failures, desc="deblur"):
+            blurry = _to_batch(image, device)
+            if len(controls) == 1:
+                restore = _tiled(args, lambda x: generator.restore(x, controls[0]))
+                save_png(_to_uint8(restore(blurry)[0]), out_dir / f"{name}.png")
+                written += 1
+                continue
             frame_dir = out_dir / name
-            frame_dir.mkdir(exist_ok=True)
             frame_paths = [frame_dir / frame_file_name(j, u) for j, u in enumerate(controls)]
-            for frame, frame_path in zip(frames, frame_paths):
-                _save_png(frame, frame_path)
+            with progress_bar(total=len(controls), desc=name, unit="frame",
+                              leave=False) as bar:
+                for u, frame_path in zip(controls, frame_paths):
+                    if args.redo or not frame_path.exists():
+                        restore = _tiled(args, lambda x, u=u: generator.restore(x, u))
+                        save_png(_to_uint8(restore(blurry)[0]), frame_path)
+                    bar.update()
             # Frames of an earlier run with another --frames would mix with this sweep.
             for stale in set(frame_dir.glob("frame_*_u*.png")) - set(frame_paths):
                 stale.unlink()
-            _save_gif(frames, out_dir / f"{name}.gif", args.fps, args.bounce)
-        written += 1
+            write_gif(out_dir / f"{name}.gif", _FramesOnDisk(frame_paths), args.fps,
+                      args.bounce)
+            written += 1
     return finish(f"wrote {written} image(s) x {len(controls)} frame(s) to {out_dir}",
                   failures, len(inputs))
 
 
-def _run_single_output(args, inputs: list[Path], names: list[str], out_dir: Path, device,
-                       backend) -> int:
+def _run_single_output(args, inputs: list[Path], names: list[str], out_dir: Path,
+                       device) -> int:
     """SNADNet and the baselines: one restored image per input."""
     import torch
 
     from facedeblur_ext.models.face_parsing import colorize_regions
+    from facedeblur_ext.nn import resolve_backend
 
     if args.model == "snadnet":
         from facedeblur_ext.models.snadnet import load_snadnet
 
-        model = load_snadnet(args.checkpoint, device, backend, prefer_ema=not args.no_ema)
+        model = load_snadnet(args.checkpoint, device, resolve_backend(args.backend),
+                             prefer_ema=not args.no_ema)
     else:
         from facedeblur_ext.models.baselines import load_baseline
 
         model = load_baseline(args.checkpoint, device, prefer_ema=not args.no_ema,
                               task=args.model)
     save_parsing = args.save_parsing and args.model == "snadnet"
-    out_dir.mkdir(parents=True, exist_ok=True)
     failures: list[Path] = []
     written = 0
     with torch.no_grad():
         for _path, name, image in readable_images(inputs, names, failures, desc="deblur"):
             blurry = _to_batch(image, device)
-            if args.model == "snadnet":
+            if save_parsing:  # one parsing map of the whole face: not tiled
                 restored, parsing = model.restore(blurry, return_parsing=True)
+                save_png(_to_uint8(colorize_regions(parsing)[0]),
+                         out_dir / f"{name}_parsing.png")
             else:
-                restored = model.restore(blurry)
-            _save_png(_to_uint8(restored[0]), out_dir / f"{name}.png")
-            if save_parsing:
-                _save_png(_to_uint8(colorize_regions(parsing)[0]),
-                          out_dir / f"{name}_parsing.png")
+                restored = _tiled(args, model.restore)(blurry)
+            save_png(_to_uint8(restored[0]), out_dir / f"{name}.png")
             written += 1
     return finish(f"wrote {written} image(s) to {out_dir}", failures, len(inputs))

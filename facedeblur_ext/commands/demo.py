@@ -9,8 +9,15 @@ scale) and writes to ``--output``:
 
 * ``demo_grid.png``: blurry | restored | sharp, one face per row;
 * ``u_sweep.gif``: the moments of the exposure CFMD-GAN recovers from the first face, ``u``
-  swept over [0, 1] (``--frames`` moments);
+  swept over the range the checkpoint was trained on (``--frames`` moments; see
+  :mod:`facedeblur_ext.inference`). A checkpoint without moments (the bundled one, trained on
+  still faces) restores one moment: no GIF then, and a note says why;
 * ``metrics.md`` and ``metrics.json``: the table.
+
+The time per image in the table is the model alone, after one warm-up call (first-call setup
+is not a per-image cost), with the thread count of :func:`facedeblur_ext.inference.
+inference_threads` (``--threads``): on a loaded machine, more threads than idle CPUs made the
+same restoration several times slower.
 """
 
 from __future__ import annotations
@@ -39,7 +46,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=None,
                         help="face size in pixels (default: the checkpoint's training crop, "
                              "else 128)")
-    parser.add_argument("--frames", type=int, default=7, help="moments in the u-sweep GIF")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="moments in the u-sweep GIF (default 7 for a checkpoint trained "
+                             "on moments; no GIF for one without)")
     parser.add_argument("--noise", type=float, default=0.03,
                         help="noise sigma added to the blur (SNADNet protocol: 0.03)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic blur")
@@ -47,6 +56,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="facedeblur_ext.ops",
                         help="provider of the fused ops the model uses (import path)")
     parser.add_argument("--fps", type=float, default=6.0, help="GIF frame rate")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the CPUs other processes leave idle)")
 
 
 def bundled_sharp_faces() -> list[Path]:
@@ -75,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from facedeblur_ext.commands import resolve_device
-    from facedeblur_ext.commands.deblur import _save_gif
+    from facedeblur_ext.data.io import (
+        atomic_write_bytes,
+        check_writable_folder,
+        write_gif,
+        write_png,
+    )
     from facedeblur_ext.evaluation.methods import (
         IdentityMethod,
         UnsharpMaskMethod,
@@ -84,15 +100,28 @@ def run(args: argparse.Namespace) -> int:
         load_model,
     )
     from facedeblur_ext.evaluation.protocols import KERNEL_SIZES, kernel_blur_config
-    from facedeblur_ext.evaluation.report import _atomic_write, format_table, image_grid, save_png
+    from facedeblur_ext.evaluation.report import format_table, image_grid
     from facedeblur_ext.evaluation.scoring import Accumulator, MetricSuite
-    from facedeblur_ext.models.cfmd import control_sweep
+    from facedeblur_ext.inference import (
+        default_frames,
+        inference_threads,
+        moment_controls,
+        read_inference_settings,
+    )
     from facedeblur_ext.nn import BlurSynthesizer, resolve_backend
 
     started = time.perf_counter()
     checkpoint = checkpoint_to_run(args.model, args.checkpoint)
-    if args.faces < 1 or args.frames < 1:
+    if args.faces < 1 or (args.frames is not None and args.frames < 1):
         raise ValueError("--faces and --frames must be at least 1")
+    settings = read_inference_settings(checkpoint) if args.model == "cfmd" else None
+    # The GIF shows distinct moments only from a model that learned them.
+    controls = (moment_controls(settings, args.frames or default_frames(settings))
+                if settings is not None and settings.moments else [])
+    out_dir = Path(args.output)
+    check_writable_folder(out_dir)  # before the compute, whose results it must take
+    threads = inference_threads(args.threads)
+    torch.set_num_threads(threads)
     paths = bundled_sharp_faces()[: args.faces]
     if not paths:
         raise ValueError(f"no bundled faces found in {FACES_DIR}")
@@ -118,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     suite = MetricSuite(device)
     acc = Accumulator()
     restored_all = None
+    with torch.no_grad():  # warm-up: one-time setup of the model's kernels, not timed
+        model(blurry[:1])
     for m in methods:
         t0 = time.perf_counter()
         outputs = []
@@ -137,8 +168,6 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"name": m.name, "ms_per_image": acc.ms_per_image(m.name)} for m in methods]
     cells = {m.name: acc.summary(m.name, "all") for m in methods}
     table = format_table(rows, cells, suite.available)
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     def to_u8(t):
         return t.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
@@ -146,35 +175,39 @@ def run(args: argparse.Namespace) -> int:
     grid = image_grid([[to_u8(blurry[i]), to_u8(restored_all[i]), to_u8(sharp[i])]
                        for i in range(len(paths))], ["blurry", "restored", "sharp"],
                       [p.stem for p in paths])
-    save_png(grid, out_dir / "demo_grid.png")
+    write_png(out_dir / "demo_grid.png", grid)
     written = ["demo_grid.png"]
-    if model.continuous:
-        controls = control_sweep(args.frames)
+    if controls:
         with torch.no_grad():
             frames = [to_u8(model(blurry[:1], u=u)[0].float()) for u in controls]
         # Blurry and sharp beside each moment, so the GIF explains itself.
         tiles = [np.concatenate([to_u8(blurry[0]), f, to_u8(sharp[0])], axis=1) for f in frames]
-        _save_gif(tiles, out_dir / "u_sweep.gif", args.fps, bounce=True)
+        write_gif(out_dir / "u_sweep.gif", tiles, args.fps, bounce=True)
         written.append("u_sweep.gif")
     else:
-        print(f"note: {args.model} restores one moment only; no u-sweep GIF", file=sys.stderr)
+        why = ("its checkpoint records no moments (trained on still faces)"
+               if settings is not None else "the model family has no u")
+        print(f"note: {args.model} restores one moment only ({why}); no u-sweep GIF",
+              file=sys.stderr)
 
     na = [f"{m}: n/a ({r})" for m, r in suite.reasons.items() if m in suite.wanted]
     markdown = "\n".join([
         "# facedeblur demo", "",
         f"Checkpoint: `{checkpoint}`; {len(paths)} bundled faces at {size} px "
         f"({', '.join(p.name for p in paths)}); trajectory blur 13-29 px, noise "
-        f"{args.noise:g}, seed {args.seed}; device {device}.", "", table, "",
+        f"{args.noise:g}, seed {args.seed}; device {device}, {threads} thread(s); time per "
+        "image: the model alone after a warm-up call.", "", table, "",
         *(["Unavailable metrics: " + "; ".join(na), ""] if na else []),
     ])
-    _atomic_write(out_dir / "metrics.md", markdown.encode())
+    atomic_write_bytes(out_dir / "metrics.md", markdown.encode())
     import json
 
     payload = {"checkpoint": str(checkpoint), "faces": [p.name for p in paths], "size": size,
                "noise_sigma": args.noise, "seed": args.seed, "device": str(device),
+               "threads": threads, "u_sweep": controls,
                "rows": rows, "cells": cells, "metrics": suite.describe()}
-    _atomic_write(out_dir / "metrics.json", (json.dumps(payload, indent=2, default=str)
-                                             + "\n").encode())
+    atomic_write_bytes(out_dir / "metrics.json", (json.dumps(payload, indent=2, default=str)
+                                                  + "\n").encode())
     written += ["metrics.md", "metrics.json"]
     print(f"Blurred {len(paths)} bundled faces ({size} px, trajectory kernels, noise "
           f"{args.noise:g}) and restored them with {checkpoint.name}:\n")

@@ -207,6 +207,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def check_writable_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and make sure a new file can be written in it, before a long
+    computation whose results would otherwise be lost.
+
+    A real write is tried: permission bits say nothing to root, or on a read-only mount.
+
+    Raises:
+        NotADirectoryError: ``folder`` exists and is not a folder.
+        OSError: it cannot be created or written (the message names it).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"the output {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-check."):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write to the output folder {folder} "
+                                 f"({exc.strerror})") from None
+    return folder
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of a ``uint8`` RGB ``[H, W, 3]`` or single-channel ``[H, W]`` array."""
     import cv2
@@ -223,6 +246,46 @@ def encode_png(image: np.ndarray) -> bytes:
 def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Atomically write a ``uint8`` RGB or single-channel array as PNG."""
     atomic_write_bytes(path, encode_png(image))
+
+
+def gif_frame_ms(fps: float) -> int:
+    """Frame time for ``fps``: GIF stores centiseconds, and players stretch frames under 20 ms."""
+    if not fps > 0:
+        raise ValueError(f"the GIF frame rate must be above 0, got {fps}")
+    return max(20, round(100 / fps) * 10)
+
+
+#: Frames sampled to build a GIF's shared palette (all of them for short sweeps).
+_PALETTE_SAMPLES = 16
+
+
+def write_gif(path: str | os.PathLike, arrays, fps: float, bounce: bool = False) -> None:
+    """Write uint8 RGB frames as a looping GIF with one palette (no colour flicker between
+    frames), atomically.
+
+    Args:
+        path: the GIF to write.
+        arrays: the frames (a sequence; long sweeps may pass a lazy one, e.g. read from disk).
+        fps: frames per second.
+        bounce: play forward then backward.
+    """
+    import io
+
+    from PIL import Image
+
+    count = len(arrays)
+    samples = min(count, _PALETTE_SAMPLES)
+    picks = sorted({round(i * (count - 1) / max(1, samples - 1)) for i in range(samples)})
+    palette = Image.fromarray(np.concatenate([arrays[i] for i in picks], axis=0)).quantize(256)
+    order = list(range(count))
+    if bounce and count > 2:
+        order += order[-2:0:-1]
+    frames = (Image.fromarray(arrays[i]).quantize(palette=palette) for i in order)
+    first = next(frames)
+    buffer = io.BytesIO()
+    first.save(buffer, format="GIF", save_all=True, append_images=frames,
+               duration=gif_frame_ms(fps), loop=0, disposal=1)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

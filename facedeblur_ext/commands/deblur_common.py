@@ -1,0 +1,205 @@
+"""What ``facedeblur deblur`` and its ``--full-photo`` mode share: option types, reading the
+inputs, naming and checking the outputs before any model runs, atomic PNG/GIF writers,
+progress bars, quiet third-party logs and the summary line.
+
+Both :mod:`facedeblur_ext.commands.deblur` and :mod:`facedeblur_ext.commands.deblur_full_photo`
+import this module; it imports neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
+PROG = "facedeblur deblur"
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0 (``nan`` refused)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def list_inputs(path: Path) -> list[Path]:
+    """The images of the folder ``path`` (not recursive), or the file ``path`` itself."""
+    from facedeblur_ext.data.io import list_images
+
+    if path.is_dir():
+        files = list_images(path, recursive=False)
+        if not files:
+            raise FileNotFoundError(f"no images in {path}")
+        return files
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    return [path]
+
+
+def output_names(inputs: list[Path]) -> list[str]:
+    """The ``<name>`` of each input's outputs: its stem, or ``<stem>_<extension>`` where
+    inputs share a stem (``face.png`` and ``face.jpg`` would otherwise write one file)."""
+    stem_counts = Counter(p.stem for p in inputs)
+    return [f"{p.stem}_{p.suffix.lstrip('.').lower()}" if stem_counts[p.stem] > 1 else p.stem
+            for p in inputs]
+
+
+def check_outputs(inputs: list[Path], outputs: list[list[Path]]) -> None:
+    """Refuse, before any work, outputs that would replace an input or another input's output.
+
+    Args:
+        inputs: the input files.
+        outputs: per input, the files written for it.
+
+    Raises:
+        ValueError: an output path is an input file, or two inputs write the same path.
+    """
+    input_by_path = {p.resolve(): p for p in inputs}
+    writer_by_path: dict[Path, Path] = {}
+    for source, files in zip(inputs, outputs):
+        for file in files:
+            key = file.resolve()
+            if key in input_by_path:
+                raise ValueError(f"the output {file} would replace the input "
+                                 f"{input_by_path[key]}; choose another --output folder")
+            writer = writer_by_path.setdefault(key, source)
+            if writer != source:
+                raise ValueError(f"{writer} and {source} would both be written to {file}; "
+                                 "rename one of them")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An input image as uint8 RGB ``[H, W, 3]``, read the same way in every mode: EXIF
+    orientation applied, grayscale expanded to RGB, alpha dropped, any size.
+
+    Raises:
+        BadImageError: the file cannot be decoded.
+    """
+    from facedeblur_ext.data import load_rgb
+
+    return load_rgb(path, min_size=1, allow_grayscale=True, allow_alpha=True)
+
+
+def unreadable_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be decoded (a header check, no full decode), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as exc:  # noqa: BLE001 - any failure to open means unreadable
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def prepare_output_folder(out_dir: Path, inputs: list[Path]) -> None:
+    """Check, before any model is loaded, that there is something to do and somewhere to
+    put it: at least one input must open (a header check, stopping at the first that does),
+    and ``out_dir`` must take a new file. The folder is created only after the first check
+    passed.
+
+    Raises:
+        ValueError: no input can be read.
+        OSError: ``out_dir`` cannot be created or written (the message names it).
+    """
+    from facedeblur_ext.data.io import check_writable_folder
+
+    reasons = {}
+    for path in inputs:
+        reasons[path] = unreadable_reason(path)
+        if reasons[path] is None:
+            break
+    else:
+        details = "; ".join(f"{path.name}: {reason}" for path, reason in reasons.items())
+        raise ValueError(f"none of the {len(inputs)} input(s) can be read ({details})")
+    check_writable_folder(out_dir)
+
+
+def readable_images(inputs: list[Path], names: list[str], failures: list[Path], *,
+                    desc: str) -> Iterator[tuple[Path, str, np.ndarray]]:
+    """``(path, name, image)`` for each input that can be read, with a progress bar.
+
+    An unreadable input is reported on stderr and appended to ``failures`` instead, so that
+    one bad file does not stop a batch.
+    """
+    from facedeblur_ext.data import BadImageError
+
+    with progress_bar(total=len(inputs), desc=desc, unit="image") as bar:
+        for path, name in zip(inputs, names):
+            try:
+                image = read_image(path)
+            except BadImageError as exc:
+                bar.write(f"{PROG}: skipped {path}: {exc.reason}", file=sys.stderr)
+                failures.append(path)
+            else:
+                yield path, name, image
+            bar.update()
+
+
+def progress_bar(*, total: int, desc: str, unit: str, leave: bool = True):
+    """A tqdm bar on stderr, hidden for a single step (nothing long to show)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, disable=total < 2,
+                dynamic_ncols=True)
+
+
+def finish(written: str, failures: list[Path], num_inputs: int) -> int:
+    """Print the summary line; exit status 1 when some inputs could not be read."""
+    print(written)
+    if failures:
+        print(f"{PROG}: {len(failures)} of {num_inputs} input(s) could not be read "
+              "and were skipped (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """Write a uint8 RGB array as PNG atomically (an interrupt leaves no partial file)."""
+    from facedeblur_ext.data.io import write_png
+
+    write_png(path, array)
+
+
+@contextlib.contextmanager
+def native_stderr_hidden(verbose: bool = False):
+    """Hide what native libraries (MediaPipe, TFLite, absl, glog) print on file descriptor 2
+    while the block runs; with ``verbose`` let it through.
+
+    Those libraries write to the descriptor directly, around Python's ``sys.stderr``, so the
+    descriptor is pointed at a temporary file and restored afterwards; what the block itself
+    writes to ``sys.stderr`` is dropped with it, so keep the block to the library calls.
+    """
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
