@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 
+import numpy as np
 import pytest
 from conftest import REPO_ROOT
 
@@ -28,6 +29,20 @@ def test_atomic_write_follows_the_umask(tmp_path, umask):
     assert stat.S_IMODE((tmp_path / "a.bin").stat().st_mode) == 0o666 & ~umask
     assert (tmp_path / "a.bin").read_bytes() == b"yy"
     assert [p.name for p in tmp_path.iterdir()] == ["a.bin"]  # no temporary file left
+
+
+def test_every_atomic_writer_follows_the_umask(tmp_path):
+    """Checkpoints and evaluation reports too (each used to keep mkstemp's 0600)."""
+    from facedeblur_ext.evaluation.report import save_png
+    from facedeblur_ext.training.checkpoint import atomic_torch_save
+
+    old = os.umask(0o027)
+    try:
+        atomic_torch_save({"step": 1}, tmp_path / "last.pt")
+        save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "grid.png")
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o640}
 
 
 # ----------------------------------------------------------------------------- moments

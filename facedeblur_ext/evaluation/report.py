@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,16 +33,10 @@ __all__ = ["format_table", "image_grid", "markdown_report", "save_png", "write_r
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # The package's one atomic writer (files follow the umask, temporaries cleaned up).
+    from facedeblur_ext.data.io import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
@@ -380,7 +373,7 @@ def _jsonable(result: dict) -> dict:
 def _pictures(result: dict, out_dir: Path) -> list[str]:
     """Write a result's ``pictures`` (``grid``: an image, ``gif``: a list of frames) as
     ``<protocol>_<name>.png`` and ``.gif``; returns the file names."""
-    from facedeblur_ext.commands.deblur import _save_gif
+    from facedeblur_ext.data.io import write_gif
 
     made = []
     for picture in result.get("pictures", []):
@@ -388,7 +381,7 @@ def _pictures(result: dict, out_dir: Path) -> list[str]:
         if picture.get("grid") is not None:
             made.append(save_png(picture["grid"], out_dir / f"{stem}.png").name)
         if picture.get("gif"):
-            _save_gif(picture["gif"], out_dir / f"{stem}.gif", picture.get("fps", 4.0),
+            write_gif(out_dir / f"{stem}.gif", picture["gif"], picture.get("fps", 4.0),
                       bounce=True)
             made.append(f"{stem}.gif")
     return made

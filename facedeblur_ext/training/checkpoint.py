@@ -53,6 +53,9 @@ def atomic_torch_save(obj, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        from facedeblur_ext.data.io import current_umask
+
+        os.fchmod(fd, 0o666 & ~current_umask())  # as any new file, not mkstemp's 0600
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
