@@ -27,7 +27,7 @@ from facedeblur_ext.evaluation import (
     wiener_deconvolve,
 )
 from facedeblur_ext.evaluation.baselines import MIN_AUTO_NSR
-from facedeblur_ext.evaluation.methods import Method, checkpoint_moments
+from facedeblur_ext.evaluation.methods import Method
 from facedeblur_ext.evaluation.protocols import (
     LINEAR_LENGTHS,
     EvalSettings,
@@ -309,8 +309,10 @@ def test_sweep_protocol_pictures_and_report(tmp_path, face_dir, tiny_checkpoint)
     assert payload["results"][0]["pictures"][0] == {"name": "test_celeba_201418", "fps": 4.0}
 
 
-def test_checkpoint_moments_record(tmp_path, tiny_checkpoint):
-    assert checkpoint_moments(tiny_checkpoint) == (False, (0.5, 0.5))
+def test_model_rows_follow_the_checkpoints_inference_record(tmp_path, tiny_checkpoint):
+    plain = load_model("cfmd", tiny_checkpoint)
+    assert not plain.moments and plain.u_range == (0.5, 0.5)
+    assert "no learned moments" in plain.description
     ckpt = torch.load(tiny_checkpoint, weights_only=True)
     for where in ("top", "config"):
         record = {"moments": True, "u_range": [0.0, 0.9231]}
@@ -318,9 +320,9 @@ def test_checkpoint_moments_record(tmp_path, tiny_checkpoint):
             ckpt, config={**ckpt["config"], "inference": record})
         path = tmp_path / f"{where}.pt"
         torch.save(variant, path)
-        assert checkpoint_moments(path) == (True, (0.0, 0.9231))
         method = load_model("cfmd", path)
-        assert method.moments and "learned moments" in method.description
+        assert method.moments and method.u_range == (0.0, 0.9231)
+        assert "learned moments" in method.description
         two = method(load_faces(["celeba_201418.png"], size=32), u=[0.0, 0.5])
         assert two.shape == (2, 3, 32, 32)
 

@@ -20,7 +20,6 @@ from .methods import (
     UnsharpMaskMethod,
     WienerMethod,
     baseline_methods,
-    checkpoint_moments,
     checkpoint_working_size,
     load_model,
 )
@@ -34,7 +33,6 @@ __all__ = [
     "WienerMethod",
     "auto_nsr",
     "baseline_methods",
-    "checkpoint_moments",
     "checkpoint_working_size",
     "gaussian_blur",
     "load_model",

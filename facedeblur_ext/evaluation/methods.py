@@ -8,7 +8,7 @@ image is declared by flags, and the protocols hand over only what is allowed:
 * ``continuous``: the method takes a moment ``u`` in [0, 1] of the exposure (CFMD-GAN);
   others give one image whatever the moment;
 * ``moments``: the method learned distinct moments (a CFMD-GAN checkpoint whose ``inference``
-  record says ``moments: true``, trained with targets at their ``u = (i - 1) / N``). A
+  record says ``moments: true``, :mod:`facedeblur_ext.inference`). A
   continuous method without them (trained at ``u = 0.5`` only) is scored like a single-output
   method: its output at ``u = 0.5`` against every moment.
 
@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from facedeblur_ext.inference import InferenceSettings, read_inference_settings
+
 from .baselines import (
     DEFAULT_UNSHARP_AMOUNT,
     DEFAULT_UNSHARP_SIGMA,
@@ -41,7 +43,6 @@ __all__ = [
     "UnsharpMaskMethod",
     "WienerMethod",
     "baseline_methods",
-    "checkpoint_moments",
     "checkpoint_working_size",
     "load_model",
 ]
@@ -208,7 +209,8 @@ def load_model(family: str, checkpoint: str | Path, device: torch.device | str =
         model = loader(path, device, backend, prefer_ema=prefer_ema)
     multiple = int(getattr(model, "size_multiple", 4 if family == "cfmd" else 1) or 1)
     name = label or f"{family} ({path.name})"
-    moments, u_range = checkpoint_moments(path) if family == "cfmd" else (False, None)
+    inference = read_inference_settings(path) if family == "cfmd" else InferenceSettings()
+    moments, u_range = inference.moments, inference.u_range
     if family != "cfmd":
         what = ""
     elif moments:
@@ -218,22 +220,8 @@ def load_model(family: str, checkpoint: str | Path, device: torch.device | str =
         what = f", no learned moments: its output at u = {CENTRE_U} stands for every moment"
     return ModelMethod(name=name, continuous=family == "cfmd", model=model, family=family,
                        checkpoint=str(path), multiple=multiple, moments=moments,
-                       u_range=u_range or (CENTRE_U, CENTRE_U),
+                       u_range=u_range,
                        description=f"{family} checkpoint {path}{what}")
-
-
-def checkpoint_moments(checkpoint: str | Path) -> tuple[bool, tuple[float, float]]:
-    """Whether a CFMD-GAN checkpoint learned moments, and the ``u`` range it was trained on.
-
-    Read from the checkpoint's ``inference`` record (``{moments: bool, u_range: [lo, hi]}``),
-    at the top level (``facedeblur export``) or in its training config; a checkpoint without
-    it was trained at the centre moment only: ``(False, (0.5, 0.5))``.
-    """
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    record = ckpt.get("inference") or (ckpt.get("config") or {}).get("inference") or {}
-    moments = bool(record.get("moments", False))
-    lo, hi = record.get("u_range") or ((0.0, 1.0) if moments else (CENTRE_U, CENTRE_U))
-    return moments, (float(lo), float(hi))
 
 
 def checkpoint_working_size(checkpoint: str | Path, default: int = 256) -> int:
