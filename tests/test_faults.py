@@ -397,13 +397,41 @@ def torchrun_command(run, *overrides) -> list[str]:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_finish_with_status_0_repeatedly(tmp_path):
-    for attempt in range(3):
+    for attempt in range(2):
         run = tmp_path / f"run{attempt}"
         done = subprocess.run(torchrun_command(run, "train.max_steps=3"), capture_output=True,
                               text=True, env=subprocess_env(), timeout=300)
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-4000:]
         assert "terminate called" not in output and "done: step 3" in output
+
+
+#: Collectives, then exit without leaving the process group.
+EXIT_AFTER_COLLECTIVES = """
+import torch, torch.distributed as dist
+from facedeblur_ext.training.distributed import init_distributed
+info = init_distributed("cpu", "gloo")
+tensors = [torch.empty(1) for _ in range(info.world_size)]
+dist.all_gather(tensors, torch.tensor([float(info.rank)]))
+ranks = [None] * info.world_size
+dist.all_gather_object(ranks, info.rank)
+assert ranks == list(range(info.world_size))
+"""
+
+
+@pytest.mark.slow
+def test_a_group_left_for_the_interpreter_exit_does_not_abort(tmp_path):
+    # Four gloo ranks that exit after collectives without destroy_process_group abort in most
+    # runs ("terminate called without an active exception": 7 of 8 measured with torch 2.13,
+    # 0 of 8 after a barrier and destroy_process_group); init_distributed's atexit hook leaves.
+    script = tmp_path / "exit_after_collectives.py"
+    script.write_text(EXIT_AFTER_COLLECTIVES)
+    for _attempt in range(2):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=4", str(script)], capture_output=True,
+                              text=True, env=subprocess_env(), timeout=300)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0 and "terminate called" not in output, output[-4000:]
 
 
 @pytest.mark.slow
