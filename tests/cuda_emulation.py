@@ -517,11 +517,17 @@ class CudaEmulator:
 
     # ---- separable normalization (separable_norm_cuda.cpp) ----
     @staticmethod
-    def _snorm_layout(x):
+    def _snorm_prepare(x, masks):
+        """x in the layout the kernels take, masks, the launchers' shape, dtype code, memory
+        format and accumulation dtype."""
         channels_last = (not x.is_contiguous()
                          and x.is_contiguous(memory_format=torch.channels_last))
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return channels_last, x.contiguous(memory_format=fmt)
+        n, c, h, w = x.shape
+        shape = _int64s((n, c, masks.shape[1], h * w, int(channels_last)))
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return (x.contiguous(memory_format=fmt), masks.to(x.dtype).contiguous(), shape,
+                _SNORM_DTYPES[x.dtype], fmt, acc)
 
     @staticmethod
     def _affine(value, x):
@@ -542,13 +548,8 @@ class CudaEmulator:
 
     def separable_norm_forward(self, x, masks, gamma, beta, eps):
         self.reset()
-        channels_last, xc = self._snorm_layout(x)
-        n, c, h, w = x.shape
-        r = masks.shape[1]
-        shape = _int64s((n, c, r, h * w, int(channels_last)))
-        dt = _SNORM_DTYPES[x.dtype]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        masks = masks.to(x.dtype).contiguous()
+        xc, masks, shape, dt, _, acc = self._snorm_prepare(x, masks)
+        n, c, r = shape[0], shape[1], shape[2]
         g, gs, _ = self._affine(gamma, xc)
         b, bs, _ = self._affine(beta, xc)
         out = torch.empty_like(xc)
@@ -564,14 +565,8 @@ class CudaEmulator:
     def separable_norm_backward(self, grad_out, x, masks, gamma, beta, mean, rstd, eps, want):
         """Gradients (x, masks, gamma, beta); want: four bools."""
         self.reset()
-        channels_last, xc = self._snorm_layout(x)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        n, c, h, w = x.shape
-        r = masks.shape[1]
-        shape = _int64s((n, c, r, h * w, int(channels_last)))
-        dt = _SNORM_DTYPES[x.dtype]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        masks = masks.to(x.dtype).contiguous()
+        xc, masks, shape, dt, fmt, acc = self._snorm_prepare(x, masks)
+        n, c = shape[0], shape[1]
         g = grad_out.contiguous(memory_format=fmt)
         gam, gs, gamma_plane = self._affine(gamma, xc)
         bet, _, beta_plane = self._affine(beta, xc)
