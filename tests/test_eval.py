@@ -295,7 +295,8 @@ def test_sweep_protocol_pictures_and_report(tmp_path, face_dir, tiny_checkpoint)
     assert len(test["gif"]) == 3 and test["gif"][0].shape == (112, 3 * 112, 3)
     assert real_pic["gif"][0].shape == (128, 2 * 128, 3)
     assert test["grid"].shape[0] > 2 * 112 and test["grid"].shape[1] > 4 * 112
-    assert test["moment_spread"]["tiny"] >= 0
+    spread = result["settings"]["first_to_last_moment_mean_abs_difference_grey_levels"]
+    assert set(spread) == set(names) and spread["real_blurred"]["tiny"] >= 0
     suite = MetricSuite("cpu", ["psnr"])
     written = write_report([result], {"command": "test", "device": "cpu", "torch": "x",
                                       "seed": 0, "metrics": suite.describe()}, tmp_path / "out")

@@ -804,7 +804,7 @@ def run_sweep_protocol(data: str | Path, real_blur: str | Path | None,
         for path in list_images(Path(real_blur), recursive=False)[:real_faces]:
             image = torch.tensor(load_rgb(path, min_size=16)).permute(2, 0, 1)
             inputs.append((f"real_{path.stem}", image.float().div(255), None))
-    pictures = []
+    pictures, spread = [], {}
     for name, blurry, truth in _progress(inputs, len(inputs), "u-sweep", settings.progress):
         batch = blurry[None].to(device)
         sweeps = {m.name: _timed(m, batch, device, u=u)[0] for m in models}
@@ -820,9 +820,8 @@ def run_sweep_protocol(data: str | Path, real_blur: str | Path | None,
                                                       for m in models),
                                *([] if truth is None else [_to_uint8(truth[k])])], axis=1)
                for k in range(frames)]
-        pictures.append({"name": name, "grid": grid, "gif": gif, "fps": 4.0,
-                         "moment_spread": {m.name: _moment_spread(sweeps[m.name])
-                                           for m in models}})
+        pictures.append({"name": name, "grid": grid, "gif": gif, "fps": 4.0})
+        spread[name] = {m.name: _moment_spread(sweeps[m.name]) for m in models}
     return {
         "protocol": "sweep",
         "title": "u-sweep pictures",
@@ -830,6 +829,7 @@ def run_sweep_protocol(data: str | Path, real_blur: str | Path | None,
                      "u": [round(v, 4) for v in u],
                      "gif": "blurry | " + " | ".join(m.name for m in models)
                             + " | ground truth (test faces)",
+                     "first_to_last_moment_mean_abs_difference_grey_levels": spread,
                      "seed": settings.seed},
         "rows": [{"name": m.name, "description": m.description} for m in models],
         "tables": [],
