@@ -24,7 +24,7 @@ from step_context import PlainStepContext
 
 import facedeblur_ext
 from facedeblur_ext import cli
-from facedeblur_ext.commands.deblur import gif_frame_ms
+from facedeblur_ext.data.io import gif_frame_ms
 from facedeblur_ext.evaluation.methods import checkpoint_working_size
 from facedeblur_ext.losses import (
     CFMDObjective,

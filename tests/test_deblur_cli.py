@@ -15,6 +15,7 @@ from PIL import Image
 
 from facedeblur_ext.commands import deblur
 from facedeblur_ext.data import load_rgb
+from facedeblur_ext.data.io import gif_frame_ms
 
 FACES = REPO_ROOT / "facedeblur_ext" / "assets" / "faces"
 FACE = FACES / "celeba_201418.png"
@@ -187,9 +188,9 @@ def test_full_photo_geometry_refuses_a_non_positive_margin_or_size():
 
 
 def test_gif_frame_time_refuses_a_non_positive_rate():
-    assert deblur.gif_frame_ms(8.0) == 120
+    assert gif_frame_ms(8.0) == 120
     with pytest.raises(ValueError, match="frame rate must be above 0"):
-        deblur.gif_frame_ms(0)
+        gif_frame_ms(0)
 
 
 # ----------------------------------------------------------------------------- moments

@@ -59,16 +59,9 @@ from facedeblur_ext.commands.deblur_common import (
     readable_images,
     save_png,
 )
-
-# ``evaluation.report`` and the tests import the GIF helpers from here.
-from facedeblur_ext.data.io import gif_frame_ms, write_gif  # noqa: F401
+from facedeblur_ext.data.io import write_gif
 
 MODELS = ("cfmd", "snadnet", "baseline_ae", "baseline_gan")
-
-
-def _save_gif(arrays, path: Path, fps: float, bounce: bool) -> None:
-    """The GIF writer under the name ``evaluation.report`` imports."""
-    write_gif(path, arrays, fps, bounce)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
