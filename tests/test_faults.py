@@ -406,6 +406,27 @@ def test_two_gloo_ranks_finish_with_status_0_repeatedly(tmp_path):
         assert "terminate called" not in output and "done: step 3" in output
 
 
+@pytest.mark.slow
+def test_a_torchrun_job_into_a_folder_in_use_is_refused_on_every_rank(tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], stdout=subprocess.PIPE,
+                              text=True, env=subprocess_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        done = subprocess.run(torchrun_command(run, "train.max_steps=1"), capture_output=True,
+                              text=True, env=subprocess_env(), timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    refusals = [line for line in done.stderr.splitlines()
+                if line.startswith(f"facedeblur train: error: {run} is in use by facedeblur "
+                                   f"train (PID {holder.pid})")]
+    # Rank 0 tried the lock and told rank 1: both stop with the same line (unless torchrun
+    # ends rank 1 first), nothing waits for a rank that left.
+    assert done.returncode == 1 and refusals, done.stderr[-4000:]
+    assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]
+
+
 #: Collectives, then exit without leaving the process group.
 EXIT_AFTER_COLLECTIVES = """
 import torch, torch.distributed as dist
