@@ -6,7 +6,8 @@ and a missing optional dependency affects only the command that needs it.
 
 A user error (a missing or unreadable file, a bad option or config value, an unusable
 checkpoint) ends with one line, ``facedeblur COMMAND: error: MESSAGE``, and exit status 2;
-``FACEDEBLUR_DEBUG=1`` shows the traceback instead.
+``FACEDEBLUR_DEBUG=1`` shows the traceback instead. Ctrl-C ends a command with
+``facedeblur COMMAND: interrupted`` and exit status 130 (the files written are complete).
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         parse = getattr(module, "parse_args", None)
         args = parse(sub_parser, rest) if parse is not None else sub_parser.parse_args(rest)
         return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        # Writers are atomic: what is on disk is complete, and a rerun continues from it.
+        print(f"facedeblur {name}: interrupted", file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise

@@ -173,3 +173,14 @@ def test_export_copies_the_inference_table_and_checks_it(tmp_path, cli_error):
     bad = training_checkpoint("bad.pt", {"moments": True, "u_range": [0.9, 0.1]})
     assert "0 <= u_min <= u_max <= 1" in cli_error(["export", str(bad), str(tmp_path / "b.pt")])
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    import facedeblur_ext.commands.info as info
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "run", interrupted)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err == "facedeblur info: interrupted\n"
