@@ -118,21 +118,25 @@ def _flags(sanitize: bool) -> list[str]:
     return flags
 
 
-def _source_hash(root: Path, compiler: str, flags: list[str]) -> str:
+def _digest(root: Path, compiler: str, flags: list[str], unit: str | None) -> str:
+    """Hash of the compiler, the flags and the sources: every file, or (unit given) that
+    translation unit and the headers, so that a change to one .cu recompiles only it."""
     digest = hashlib.sha256()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     digest.update(version.encode())
     digest.update(" ".join(flags).encode())
     for sub in HASHED_DIRS:
         for path in sorted((root / sub).rglob("*")):
-            if path.is_file():
-                digest.update(str(path.relative_to(root)).encode())
+            rel = str(path.relative_to(root))
+            if path.is_file() and (unit is None or rel == unit or rel not in TRANSLATION_UNITS):
+                digest.update(rel.encode())
                 digest.update(path.read_bytes())
     return digest.hexdigest()[:20]
 
 
 def build_emulator(cache: Path | None = None) -> Path:
-    """Compiles (or finds in the cache) the emulator library; returns its path.
+    """Compiles (or finds in the cache) the emulator library; returns its path. Objects are
+    cached per translation unit and the library per source set, both by content hash.
 
     Raises:
         RuntimeError: a source did not compile (the compiler's output is in the message).
@@ -141,22 +145,29 @@ def build_emulator(cache: Path | None = None) -> Path:
     compiler = os.environ.get("CXX", "g++")
     sanitize = sanitized()
     flags = _flags(sanitize)
-    key = _source_hash(root, compiler, flags)
+    prefix = "sanitized-" if sanitize else ""
     cache = cache or REPO / "build" / "cuda-emulator"
-    target = cache / f"{'sanitized-' if sanitize else ''}{key}" / "libfacedeblur_cuda_emulator.so"
+    target = (cache / f"{prefix}{_digest(root, compiler, flags, None)}"
+              / "libfacedeblur_cuda_emulator.so")
     if target.exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
+    objects_dir = cache / "objects"
+    objects_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="build-", dir=cache))
     try:
         includes = [f"-I{root / 'cuda_emulator' / 'include'}", f"-I{root}"]
 
         def compile_one(unit: str) -> Path:
-            obj = work / (Path(unit).name + ".o")
-            cmd = [compiler, *flags, *includes, "-x", "c++", "-c", str(root / unit), "-o", str(obj)]
+            key = _digest(root, compiler, flags, unit)
+            obj = objects_dir / f"{prefix}{Path(unit).name}-{key}.o"
+            if obj.exists():
+                return obj
+            tmp = work / obj.name
+            cmd = [compiler, *flags, *includes, "-x", "c++", "-c", str(root / unit), "-o", str(tmp)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"emulator build failed: {unit}\n{done.stderr[-6000:]}")
+            tmp.replace(obj)
             return obj
 
         workers = max(1, min(len(TRANSLATION_UNITS), os.cpu_count() or 1))
@@ -167,10 +178,11 @@ def build_emulator(cache: Path | None = None) -> Path:
         done = subprocess.run(link, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"emulator link failed\n{done.stderr[-6000:]}")
-        for obj in objects:
-            obj.unlink()
+        lib_dir = work / "lib"
+        lib_dir.mkdir()
+        lib.rename(lib_dir / lib.name)
         try:
-            work.rename(target.parent)
+            lib_dir.rename(target.parent)
         except OSError:  # built meanwhile by another process
             pass
         return target
