@@ -9,10 +9,13 @@ Environment:
     TORCH_CUDA_ARCH_LIST   e.g. "9.0" or "8.0;9.0+PTX" (torch's convention).
     FACEDEBLUR_BUILD_TYPE  CMake build type (default Release).
     MAX_JOBS               parallel compile jobs (default: ninja's choice).
+    FACEDEBLUR_CMAKE_ARGS  extra CMake arguments, split like a shell command line, e.g.
+                           "-DCUDA_nvrtc_LIBRARY=/opt/lib/libnvrtc.so.13 --log-level=DEBUG".
 """
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -83,10 +86,13 @@ class CMakeBuild(build_ext):
             f"-DFACEDEBLUR_WITH_CUDA={'ON' if with_cuda else 'OFF'}",
         ]
         if with_cuda:
-            configure.append(f"-DCMAKE_CUDA_COMPILER={_nvcc_path()}")
+            nvcc = _nvcc_path()
+            if nvcc:  # without one, CMake looks for nvcc itself and says so when it fails
+                configure.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
             arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
             if arch_list:
                 configure.append(f"-DFACEDEBLUR_CUDA_ARCH_LIST={arch_list}")
+        configure += shlex.split(os.environ.get("FACEDEBLUR_CMAKE_ARGS", ""))
         ninja = shutil.which("ninja")
         if ninja:
             configure.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
