@@ -520,6 +520,7 @@ def test_launch_error_comes_back_through_the_launcher(emulator, one_torch_thread
     with pytest.raises(EmulatedLaunchError, match="CUDA error 9.*grid \\(1,65536,1\\)"):
         emulator.blur_synthesize(images, kernels, None, None, None, None, None, False, "zeros")
 
+
 # ---------------------------------------------------------------------------------------------
 # Non-finite inputs: the CUDA kernels follow the CPU kernels' NaN/Inf rules, on the problems of
 # the CPU tests (tests/test_separable_norm.py, tests/test_modulated_deform_conv.py)
