@@ -271,6 +271,20 @@ def test_nan_inputs_reach_output_and_gradients(device, kind):
             assert g_mask.isnan().sum() == 1
 
 
+# A NaN in one coordinate only is left out: torchvision's CPU kernel then reads outside the
+# image (floor(NaN) cast to int; a segfault in torchvision 0.29.1).
+@pytest.mark.parametrize("kind", ["nan-offsets", "nan-mask", "nan-mask-outside", "nan-input"])
+def test_nan_inputs_match_torchvision_where_it_imports(kind):
+    tv_ops = pytest.importorskip("torchvision.ops")
+    case, tensors = _non_finite_problem(kind, torch.float64, "cpu")
+    ours = case.call(modulated_deform_conv2d, *tensors)
+    theirs = case.call(tv_ops.deform_conv2d, *tensors)
+    torch.testing.assert_close(ours, theirs, equal_nan=True)
+    grad = torch.randn_like(ours)
+    for a, b in zip(_grads(ours, tensors, grad), _grads(theirs, tensors, grad)):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 def test_zero_offsets_unit_mask_equal_conv2d():
     case = Case(groups=2, stride=2)
     x, offset, weight, bias, mask = case.tensors()
