@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_TILE", "DEFAULT_TILE_OVERLAP", "InferenceSettings", "default_frames",
-           "inference_settings", "moment_controls", "read_inference_settings",
-           "restore_tiled", "tile_layout", "inference_threads", "TILE_ALIGN"]
+__all__ = ["DEFAULT_TILE", "DEFAULT_TILE_OVERLAP", "TILE_ALIGN", "InferenceSettings",
+           "check_tiles", "default_frames", "inference_settings", "inference_threads",
+           "moment_controls", "read_inference_settings", "restore_tiled", "tile_layout"]
 
 #: Tile side and overlap of :func:`restore_tiled` (pixels). The overlap is the context a tile
 #: edge sees and the width of the blend; see the README for the tiled-vs-whole difference.
@@ -192,6 +192,19 @@ def _blend_ramp(length: int, lead: int, trail: int, device) -> Tensor:
     return ramp
 
 
+def check_tiles(tile: int, overlap: int) -> None:
+    """Refuse a tile size below 16 pixels or an overlap outside [0, tile / 2].
+
+    Raises:
+        ValueError: naming the bad value.
+    """
+    if tile < 16:
+        raise ValueError(f"the tile must be at least 16 pixels, got {tile}")
+    if not 0 <= overlap <= tile // 2:
+        raise ValueError(f"the tile overlap must be in [0, tile / 2 = {tile // 2}], got "
+                         f"{overlap}")
+
+
 def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
                   tile: int = DEFAULT_TILE, overlap: int = DEFAULT_TILE_OVERLAP,
                   progress: Callable[[int], None] | None = None) -> Tensor:
@@ -217,11 +230,7 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"restore_tiled takes one image [1, C, H, W], got {list(image.shape)}")
-    if tile < 16:
-        raise ValueError(f"the tile must be at least 16 pixels, got {tile}")
-    if not 0 <= overlap <= tile // 2:
-        raise ValueError(f"the tile overlap must be in [0, tile / 2 = {tile // 2}], got "
-                         f"{overlap}")
+    check_tiles(tile, overlap)
     height, width = image.shape[-2:]
     if height <= tile and width <= tile:
         out = restore(image).float()

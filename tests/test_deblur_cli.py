@@ -174,6 +174,14 @@ def test_bad_option_values_are_refused_up_front(tmp_path, capsys, option, value,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("tile, overlap, message", [("8", "0", "at least 16 pixels"),
+                                                     ("64", "40", r"overlap must be in \[0, ")])
+def test_bad_tiles_are_refused_before_any_work(tmp_path, tile, overlap, message):
+    with pytest.raises(ValueError, match=message):
+        run_deblur([FACE, "-o", tmp_path / "out", "--tile", tile, "--tile-overlap", overlap])
+    assert not (tmp_path / "out").exists()
+
+
 def test_full_photo_geometry_refuses_a_non_positive_margin_or_size():
     from facedeblur_ext.full_photo import PhotoFace, crop_matrix, restore_photo
 

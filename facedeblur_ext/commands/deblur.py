@@ -163,8 +163,9 @@ def _controls(args: argparse.Namespace) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from facedeblur_ext.inference import inference_threads
+    from facedeblur_ext.inference import check_tiles, inference_threads
 
+    check_tiles(args.tile, args.tile_overlap)
     if args.frames is not None and args.full_photo and args.frames > 1:
         raise ValueError("--full-photo writes one photo per input (the centre moment); "
                          "drop --frames")
