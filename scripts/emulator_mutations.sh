@@ -50,7 +50,7 @@ PY
     survived=1
   else
     first=$(grep -m1 -E '^(FAILED|ERROR) ' "$log" || tail -n 3 "$log")
-    why=$(grep -m1 -E '^E ' "$log" | cut -c1-160 || true)
+    why=$(grep -m1 -E '^E ' "$log" | cut -c1-400 || true)
     echo "caught    $name: $first"
     echo "          $why"
   fi
