@@ -92,12 +92,23 @@ def run(args: argparse.Namespace, inputs: list[Path], names: list[str], device) 
         with progress_bar(total=len(faces), desc=f"{path.name} faces", unit="face",
                           leave=False) as bar:
             restored = photo
-            for face in faces:  # one at a time: a bar step per face
+            for face in faces:  # one at a time: a bar step per face, and one over its tiles
+                tiles: dict = {}
+
+                def tile_done(done, total, tiles=tiles):
+                    if "bar" not in tiles:
+                        tiles["bar"] = progress_bar(total=total, desc="tiles", unit="tile",
+                                                    leave=False)
+                    tiles["bar"].update(done - tiles["bar"].n)
+
                 restored, _ = restore_photo(restored, restore, size=size,
                                             margin=args.face_margin, feather=args.feather,
                                             faces=[face], device=device, tile=args.tile,
                                             overlap=args.tile_overlap,
-                                            detail=not args.no_detail_fusion)
+                                            detail=not args.no_detail_fusion,
+                                            progress=tile_done)
+                if "bar" in tiles:
+                    tiles["bar"].close()
                 bar.update()
         total += len(faces)
         save_png(restored, out_dir / f"{name}.png")
