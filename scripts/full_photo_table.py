@@ -82,11 +82,13 @@ def write_results(args, rows: list[dict], methods: dict, checkpoint: Path, threa
             count = sum(r["blur_px"] == length for r in rows)
             lines.append(f"| {length} | {count} | "
                          + " | ".join(f"{values[n]:.2f}" for n in names) + " |")
+    loads = [r["load"] for r in rows if "load" in r]
+    load = (f"load average {min(loads):.1f}-{max(loads):.1f}" if loads
+            else "load average not recorded")
     lines += ["", "Seconds per photo (mean): " + ", ".join(
         f"{n} {np.mean([r['seconds'][n] for r in rows]):.0f} s" for n in methods)
-        + f" ({rows[0].get('threads', threads) if rows else threads} thread(s); load average "
-          f"{np.mean([r['load'] for r in rows if 'load' in r] or [os.getloadavg()[0]]):.1f} on "
-          f"{os.cpu_count()} CPUs during the runs: a shared, loaded machine).", ""]
+        + f" ({rows[0].get('threads', threads) if rows else threads} thread(s); {load} on "
+          f"{os.cpu_count()} CPUs: a shared machine).", ""]
     payload = {"command": " ".join(["python", "scripts/full_photo_table.py", *sys.argv[1:]]),
                "checkpoint": checkpoint.name, "machine": platform.machine(),
                "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
