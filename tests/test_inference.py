@@ -157,3 +157,15 @@ def test_tiled_bundled_model_matches_the_whole_image_on_a_512_px_face():
         whole = generator.restore(face, 0.5)
         tiled = restore_tiled(lambda x: generator.restore(x, 0.5), face, tile=256, overlap=64)
     assert (tiled - whole).abs().max() < 1 / 255
+
+
+def test_the_default_thread_count_leaves_busy_cpus_alone(monkeypatch):
+    from facedeblur_ext.inference import inference_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for load, threads in [(0.1, 2), (0.9, 1), (5.0, 1)]:
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert inference_threads() == threads
+    assert inference_threads(3) == 3
+    with pytest.raises(ValueError, match="at least 1"):
+        inference_threads(0)
