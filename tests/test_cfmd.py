@@ -482,7 +482,7 @@ def test_kernel_blur_recipe_trains_the_generator_alone_and_exports(tmp_path, cli
     assert all(v.dtype == torch.float16 for v in exported["models"]["generator"].values()
                if v.is_floating_point())
     assert small.stat().st_size < 0.3 * ckpt.stat().st_size
-    assert checkpoint_working_size(small) == 40  # the validation crop (whole faces)
+    assert checkpoint_working_size(small) == 40  # the validation face scale
     x = real_batch(n=1)["blurry"]
     full = load_generator(ckpt, backend=resolve_backend(BACKEND_NAME)).restore(x, 0.5)
     half = load_generator(small, backend=resolve_backend(BACKEND_NAME)).restore(x, 0.5)
@@ -643,3 +643,15 @@ def test_lr_multipliers_give_a_submodule_its_own_learning_rate():
     bad = apply_overrides(cfg, ["optim.lr_multipliers={generator.mappings: 2}"])
     with pytest.raises(ValueError, match="names no parameters"):
         CFMDTask(bad, torch.device("cpu")).build_optimizers(models)
+
+
+def test_working_size_is_the_validation_face_scale(tmp_path):
+    """A validation crop cut smaller than its faces (room for motion) is not the face size."""
+    path = tmp_path / "ckpt.pt"
+    data = {"val": {"args": {"crop_size": 112, "base_size": 128}},
+            "train": {"args": {"crop_size": 80, "base_size": 128}}}
+    torch.save({"config": {"data": data}}, path)
+    assert checkpoint_working_size(path) == 128
+    data["val"]["args"]["base_size"] = None
+    torch.save({"config": {"data": data}}, path)
+    assert checkpoint_working_size(path) == 112

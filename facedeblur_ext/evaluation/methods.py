@@ -227,10 +227,11 @@ def load_model(family: str, checkpoint: str | Path, device: torch.device | str =
 def checkpoint_working_size(checkpoint: str | Path, default: int = 256) -> int:
     """The image size a checkpoint works at, else ``default``.
 
-    That is the validation crop of its run (whole faces at the evaluation scale), else its
-    training crop (which may be a patch of a face): ``data.<val|train>.args.crop_size`` (the
-    data pipeline's datasets) or ``crop`` (the training package's frame-averaging dataset) in
-    the stored configuration.
+    That is the face scale of its validation data (``base_size``, the short side faces were
+    brought to), else its validation crop (whole faces at the evaluation scale), else the same
+    of its training data (whose crop may be a patch of a face): ``data.<val|train>.args``
+    ``base_size``, ``crop_size`` (the data pipeline's datasets) or ``crop`` (the training
+    package's frame-averaging dataset) in the stored configuration.
     """
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -239,7 +240,9 @@ def checkpoint_working_size(checkpoint: str | Path, default: int = 256) -> int:
     data = (ckpt.get("config") or {}).get("data") or {}
     for split in ("val", "train"):
         args = (data.get(split) or {}).get("args") or {}
-        for key in ("crop_size", "crop"):
+        # base_size is the face scale (short side) the crops were cut from: a validation crop
+        # smaller than it (room for motion) is a part of the face, not a smaller face.
+        for key in ("base_size", "crop_size", "crop"):
             value = args.get(key)
             if isinstance(value, int) and value > 0:
                 return value
