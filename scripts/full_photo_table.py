@@ -72,7 +72,8 @@ def write_results(args, rows: list[dict], methods: dict, checkpoint: Path, threa
         f"({rows[0]['size'][1] if rows else '?'} px) from `{Path(args.input).name}`, whole-"
         "photo linear motion blur (`ops.motion_kernels`, 8-bit), faces detected on the blurry "
         f"photo; PSNR (dB) against the sharp photo inside the face box; `{checkpoint.name}` at "
-        "u = 0.5. Blur 0: the sharp photo itself (inf = unchanged, counted as 99 in means).",
+        "the centre u of its range (0.5 for a still-face model). Blur 0: the sharp photo "
+        "itself (inf = unchanged, counted as 99 in means).",
         "",
         "| blur (px) | photos | " + " | ".join(names) + " |",
         "|---" * (len(names) + 2) + "|",
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from facedeblur_ext.data import FaceAnalyzer, load_rgb
     from facedeblur_ext.data.io import list_images
     from facedeblur_ext.full_photo import detect_photo_faces, restore_photo
-    from facedeblur_ext.inference import inference_threads
+    from facedeblur_ext.inference import inference_threads, read_inference_settings
     from facedeblur_ext.models.cfmd import load_generator
 
     methods = {
@@ -137,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = inference_threads()
     torch.set_num_threads(threads)
     generator = load_generator(checkpoint)
+    u_centre = sum(read_inference_settings(checkpoint).u_range) / 2  # as deblur --full-photo
 
     def model(crop):
-        return generator.restore(crop, 0.5)
+        return generator.restore(crop, u_centre)
 
     with native_stderr_hidden():
         analyzer = FaceAnalyzer(warn=False)
