@@ -90,7 +90,8 @@ def write_results(args, rows: list[dict], methods: dict, checkpoint: Path, threa
         f"{n} {np.mean([r['seconds'][n] for r in rows]):.0f} s" for n in methods)
         + f" ({rows[0].get('threads', threads) if rows else threads} thread(s); {load} on "
           f"{os.cpu_count()} CPUs: a shared machine).", ""]
-    payload = {"command": " ".join(["python", "scripts/full_photo_table.py", *sys.argv[1:]]),
+    payload = {"measurement": "full-photo restoration of CelebA-HQ faces (PSNR in the face box)",
+               "command": " ".join(["python", "scripts/full_photo_table.py", *sys.argv[1:]]),
                "checkpoint": checkpoint.name, "machine": platform.machine(),
                "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__,
                "rows": rows, "means": {str(k): v for k, v in means.items()}}
