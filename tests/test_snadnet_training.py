@@ -273,9 +273,10 @@ def test_deblur_cli_restores_an_image_and_a_folder(trained, tmp_path, capsys):
     assert not np.array_equal(restored, np.asarray(Image.open(inputs / "real.png")))
 
     capsys.readouterr()
+    # into a fresh folder: a rerun into `single` skips its finished output before any model loads
     assert cli.main([*common[:3], "--checkpoint", str(trained / "parsing" / "checkpoints" /
                                                       "last.pt"),
-                     str(inputs / "real.png"), "-o", str(single)]) == 2  # a user error
+                     str(inputs / "real.png"), "-o", str(tmp_path / "stage1")]) == 2  # user error
     assert "stage-II checkpoint" in capsys.readouterr().err
 
 
