@@ -11,12 +11,14 @@ sample is reproducible from its seed. JPEG runs with OpenCV (the data workers' l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .settings import settings_from_mapping
 
 __all__ = ["DegradationConfig", "KERNEL_FAMILIES", "degrade", "jpeg", "sample_kernel"]
 
@@ -78,14 +80,7 @@ class DegradationConfig:
 
     @classmethod
     def from_dict(cls, values) -> DegradationConfig:
-        if isinstance(values, DegradationConfig):
-            return values
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown degradation settings {sorted(unknown)}; known: "
-                             f"{sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return settings_from_mapping(cls, values, "degradation")
 
 
 def _torch_generator(rng: np.random.Generator) -> torch.Generator:

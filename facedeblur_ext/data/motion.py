@@ -19,7 +19,7 @@ Everything is drawn from a NumPy generator, so a sample is reproducible from its
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fmr import DEFAULT_CRF_GAMMA, control_factors, fmr_order
+from .settings import settings_from_mapping
 
 __all__ = ["MotionConfig", "MotionPath", "camera_shake_path", "render_motion_sample",
            "sample_motion"]
@@ -74,14 +75,7 @@ class MotionConfig:
 
     @classmethod
     def from_dict(cls, values) -> MotionConfig:
-        if isinstance(values, MotionConfig):
-            return values
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown motion settings {sorted(unknown)}; known: "
-                             f"{sorted(known)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        return settings_from_mapping(cls, values, "motion")
 
 
 @dataclass
