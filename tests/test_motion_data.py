@@ -169,7 +169,7 @@ def test_degrade_noise_level_and_jpeg():
     cfg = DegradationConfig(noise_sigma=(0.04, 0.04), poisson_prob=0, jpeg_prob=0)
     out, _ = degrade(image, np.random.default_rng(0), cfg)
     assert float((out - image).std()) == pytest.approx(0.04, rel=0.1)
-    face = torch.from_numpy(load_rgb(FACES / "celeba_201418.png")).permute(2, 0, 1) / 255.0
+    face = torch.from_numpy(load_rgb(FACES / "celeba_201418.png").copy()).permute(2, 0, 1) / 255.0
     low, high = jpeg(face, 30), jpeg(face, 95)
     assert (low - face).abs().mean() > (high - face).abs().mean() > 0
 
