@@ -94,9 +94,10 @@ def stop_with_launcher() -> bool:
 
     The kernel sends the parent-death signal each time the parent *thread* that started this
     process exits, and the process is handed to the launcher's next thread until none is
-    left: a killed launcher signals several times. A second SIGTERM would stop the trainer at
-    once, without a checkpoint, so the kernel sends ``LAUNCHER_GONE_SIGNAL`` and its handler
-    sends SIGTERM once.
+    left: a killed launcher signals several times, and a launcher thread that merely ends
+    signals once. A second SIGTERM would stop the trainer at once, without a checkpoint, so the
+    kernel sends ``LAUNCHER_GONE_SIGNAL`` and its handler sends SIGTERM once, and only when the
+    parent process has changed (the launcher is gone, not one of its threads).
 
     Returns:
         False where this is not possible (not Linux, or not the main thread).
@@ -105,8 +106,13 @@ def stop_with_launcher() -> bool:
             or threading.current_thread() is not threading.main_thread()):
         return False
     fired = []
+    launcher = os.getppid()
 
     def launcher_gone(signum, frame):
+        # A launcher thread that exits while the launcher lives signals too: then this process
+        # is handed to another of its threads and its parent process is unchanged.
+        if os.getppid() == launcher:
+            return
         if not fired:
             fired.append(signum)
             os.kill(os.getpid(), signal.SIGTERM)
