@@ -526,3 +526,20 @@ def test_workers_of_a_killed_torchrun_stop_and_hold_off_a_second_writer(tmp_path
     assert step >= 2
     with FolderLock(run, "test"):
         pass
+
+
+def test_a_launcher_thread_that_ends_does_not_stop_a_worker():
+    """The parent-death signal also comes when one thread of a living launcher ends: the
+    parent process is the same, so no SIGTERM follows (a killed launcher is tested above)."""
+    code = ("import os, signal, sys, time\n"
+            "from facedeblur_ext.training.distributed import LAUNCHER_GONE_SIGNAL, "
+            "stop_with_launcher\n"
+            "signal.signal(signal.SIGTERM, lambda *a: print('SIGTERM', flush=True))\n"
+            "assert stop_with_launcher()\n"
+            "os.kill(os.getpid(), LAUNCHER_GONE_SIGNAL)\n"
+            "time.sleep(0.3)\n"
+            "print('alive', flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["alive"]
