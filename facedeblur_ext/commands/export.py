@@ -36,12 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from facedeblur_ext.inference import inference_settings
-    from facedeblur_ext.training.checkpoint import (
-        atomic_torch_save,
-        export_inference_checkpoint,
-        load_checkpoint,
-    )
+    from facedeblur_ext.training.checkpoint import export_inference_checkpoint, load_checkpoint
 
     source, output = Path(args.checkpoint), Path(args.output)
     if not source.is_file():
@@ -51,21 +46,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the output {output} is the checkpoint itself; give another file")
     if output.exists() and not args.force:
         raise ValueError(f"{output} exists; pass --force to replace it")
-    table = (load_checkpoint(source).get("config") or {}).get("inference")
-    settings = (inference_settings(table, source=f"{source} (config)")
-                if table is not None else None)  # checked before anything is written
     try:
         path = export_inference_checkpoint(source, output, args.models,
                                            dtype=getattr(torch, args.dtype),
                                            prefer_ema=not args.no_ema)
     except KeyError as exc:
         raise ValueError(str(exc.args[0])) from None
-    if settings is not None:
-        # export_inference_checkpoint keeps a fixed set of top-level keys: add the table.
-        atomic_torch_save({**load_checkpoint(path), "inference": settings.as_dict()}, path)
+    settings = load_checkpoint(path).get("inference")  # the small exported file
     size = path.stat().st_size / 2**20
-    moments = ("" if settings is None else f", inference: moments={settings.moments}, "
-               f"u_range={list(settings.u_range)}")
+    moments = ("" if settings is None else f", inference: moments={settings['moments']}, "
+               f"u_range={settings['u_range']}")
     print(f"wrote {path} ({size:.1f} MiB, {args.dtype}, models: {', '.join(args.models)}"
           f"{moments})")
     return 0

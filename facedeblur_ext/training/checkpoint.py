@@ -145,7 +145,8 @@ def export_inference_checkpoint(source, destination, models=("generator",), *,
     Optimizer, scheduler, scaler and RNG states and the other models (a GAN's discriminator)
     are dropped; the task, config, step and epoch are kept, so the file loads with the same
     loaders (e.g. :func:`facedeblur_ext.models.cfmd.load_generator`), which cast the weights
-    back to the model's dtype.
+    back to the model's dtype. The config's ``inference`` table (what the model learned, see
+    :mod:`facedeblur_ext.inference`) is checked and stored at the top level as ``inference``.
 
     Args:
         source: a checkpoint written by the trainer.
@@ -157,8 +158,15 @@ def export_inference_checkpoint(source, destination, models=("generator",), *,
 
     Raises:
         KeyError: a model in ``models`` is not in the checkpoint.
+        ValueError: the config's ``inference`` table is malformed (nothing is written).
     """
     state = load_checkpoint(source)
+    table = (state.get("config") or {}).get("inference")
+    settings = None
+    if table is not None:
+        from ..inference import inference_settings
+
+        settings = inference_settings(table, source=f"{source} (config)")
     ema = state.get("ema") or {}
     kept = {}
     for name in models:
@@ -171,6 +179,8 @@ def export_inference_checkpoint(source, destination, models=("generator",), *,
     out = {key: state[key] for key in ("format", "task", "config", "step", "epoch")
            if key in state}
     out["models"] = kept
+    if settings is not None:
+        out["inference"] = settings.as_dict()
     out["info"] = {"exported_from": str(source), "storage_dtype": str(dtype).replace("torch.", "")
                    if dtype is not None else "unchanged", **(info or {})}
     return atomic_torch_save(out, destination)
