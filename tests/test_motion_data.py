@@ -243,3 +243,17 @@ def test_mix_dataset_samples(faces, tmp_path):
         MotionBlurMixDataset(faces, face_masks=False)
     with pytest.raises(ValueError, match="num_targets"):
         MotionBlurMixDataset(faces, analyzer=analyzer, num_targets=(6, 5))
+
+
+def test_only_datasets_without_their_own_mix_need_a_blur_table(tmp_path):
+    from facedeblur_ext.training.face_data import build_face_datasets
+
+    missing = str(tmp_path / "missing")
+    kernel = {"data": {"root": missing,
+                       "train": {"class": "facedeblur_ext.data:KernelBlurDataset"}}}
+    with pytest.raises(ValueError, match="data.blur is not set"):  # before any file is read
+        build_face_datasets(kernel)
+    mix = {"data": {"root": missing,
+                    "train": {"class": "facedeblur_ext.data:MotionBlurMixDataset"}}}
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # past the blur check
+        build_face_datasets(mix)

@@ -27,7 +27,7 @@ import fnmatch
 import warnings
 from pathlib import Path
 
-from .task import instantiate
+from .task import _import, instantiate
 
 __all__ = ["build_face_datasets", "split_image_folder"]
 
@@ -89,6 +89,12 @@ def build_face_datasets(config: dict):
     from ..data import FaceAnalyzer
 
     data = config.get("data") or {}
+    # Checked before any file is read: a dataset that blurs with its own mix needs no table.
+    train_class = (data.get("train") or {}).get("class")
+    needs_blur = train_class is None or getattr(_import(train_class), "uses_synthesizer", True)
+    if not data.get("blur") and needs_blur:
+        raise ValueError("data.blur is not set: training needs a blur synthesizer, a "
+                         "{class, args} table such as facedeblur_ext.nn:BlurSynthesizer")
     synthesizer = instantiate(data["blur"]) if data.get("blur") else None
     analyzer = FaceAnalyzer(**(data.get("analyzer") or {}))
     train_files, val_files = split_image_folder(data)
@@ -103,8 +109,5 @@ def build_face_datasets(config: dict):
         return instantiate(spec, synthesizer=synthesizer, analyzer=analyzer)
 
     train = dataset(data["train"], train_files)
-    if synthesizer is None and getattr(type(train), "uses_synthesizer", True):
-        raise ValueError("data.blur is not set: training needs a blur synthesizer, a "
-                         "{class, args} table such as facedeblur_ext.nn:BlurSynthesizer")
     val = dataset(data["val"], val_files) if data.get("val") and val_files else None
     return train, val
