@@ -5,8 +5,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,12 +14,14 @@
 #include <tuple>
 
 #include "common/blur_args.h"
+#include "cuda/host_runtime.h"
 #include "cuda/blur_kernels.h"
 
 namespace facedeblur {
 namespace {
 
 namespace bc = blur::cuda;
+using cuda_host::check_launch;
 
 bc::Dtype to_dtype(at::ScalarType t) {
   switch (t) {
@@ -34,12 +34,8 @@ bc::Dtype to_dtype(at::ScalarType t) {
   }
 }
 
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": expected ", name, " on a CUDA device, got ", t.device());
+  TORCH_CHECK(cuda_host::on_kernel_device(t), op, ": expected ", name, " on a CUDA device, got ", t.device());
 }
 
 const void* opt_ptr(const std::optional<at::Tensor>& t) {
@@ -71,12 +67,12 @@ at::Tensor motion_kernels_cuda(const at::Tensor& length, const at::Tensor& angle
   check_same_device(length, angle, op, "angle");
   TORCH_CHECK(length.size(0) == angle.size(0), op, ": length and angle differ in size");
   check_generator_size(size, op);
-  const c10::cuda::CUDAGuard guard(length.device());
+  const cuda_host::DeviceGuard guard(length.device());
   const at::Tensor L = length.to(at::kDouble).contiguous(), A = angle.to(at::kDouble).contiguous();
   at::Tensor out = at::empty({L.size(0), size, size}, L.options().dtype(dtype));
   check_launch(bc::launch_motion_kernels(L.data_ptr<double>(), A.data_ptr<double>(), L.size(0),
                                          static_cast<int>(size), out.data_ptr(), to_dtype(dtype),
-                                         c10::cuda::getCurrentCUDAStream()),
+                                         cuda_host::current_stream()),
                op);
   return out;
 }
@@ -86,12 +82,12 @@ at::Tensor gaussian_kernels_cuda(const at::Tensor& sigma, int64_t size, at::Scal
   blur::check_generator_args(sigma, size, dtype, op, "sigma");
   check_cuda(sigma, op, "sigma");
   check_generator_size(size, op);
-  const c10::cuda::CUDAGuard guard(sigma.device());
+  const cuda_host::DeviceGuard guard(sigma.device());
   const at::Tensor S = sigma.to(at::kDouble).contiguous();
   at::Tensor out = at::empty({S.size(0), size, size}, S.options().dtype(dtype));
   check_launch(bc::launch_gaussian_kernels(S.data_ptr<double>(), S.size(0),
                                            static_cast<int>(size), out.data_ptr(),
-                                           to_dtype(dtype), c10::cuda::getCurrentCUDAStream()),
+                                           to_dtype(dtype), cuda_host::current_stream()),
                op);
   return out;
 }
@@ -101,12 +97,12 @@ at::Tensor defocus_kernels_cuda(const at::Tensor& radius, int64_t size, at::Scal
   blur::check_generator_args(radius, size, dtype, op, "radius");
   check_cuda(radius, op, "radius");
   check_generator_size(size, op);
-  const c10::cuda::CUDAGuard guard(radius.device());
+  const cuda_host::DeviceGuard guard(radius.device());
   const at::Tensor R = radius.to(at::kDouble).contiguous();
   at::Tensor out = at::empty({R.size(0), size, size}, R.options().dtype(dtype));
   check_launch(bc::launch_defocus_kernels(R.data_ptr<double>(), R.size(0),
                                           static_cast<int>(size), out.data_ptr(), to_dtype(dtype),
-                                          c10::cuda::getCurrentCUDAStream()),
+                                          cuda_host::current_stream()),
                op);
   return out;
 }
@@ -118,7 +114,7 @@ at::Tensor trajectory_kernels_cuda(const at::Tensor& params, const at::Tensor& s
   blur::check_trajectory_args(params, step_uniform, step_normal, size, centering, dtype);
   check_cuda(params, op, "params");
   check_generator_size(size, op);
-  const c10::cuda::CUDAGuard guard(params.device());
+  const cuda_host::DeviceGuard guard(params.device());
   const at::Tensor P = params.contiguous(), U = step_uniform.contiguous(),
                    G = step_normal.contiguous();
   const int64_t N = P.size(0), T = U.size(1) + 1;
@@ -136,7 +132,7 @@ at::Tensor trajectory_kernels_cuda(const at::Tensor& params, const at::Tensor& s
                      U.scalar_type() == at::kDouble, count, T, static_cast<int>(size),
                      static_cast<int>(centering), positions.data_ptr<double>(),
                      static_cast<char*>(out.data_ptr()) + begin * size * size * out.element_size(),
-                     to_dtype(dtype), c10::cuda::getCurrentCUDAStream()),
+                     to_dtype(dtype), cuda_host::current_stream()),
                  op);
   }
   return out;
@@ -183,7 +179,7 @@ at::Tensor blur_synthesize_cuda(const at::Tensor& images_in, const at::Tensor& k
                                            border_name, op);
   blur::check_noise_args(images_in, noise_in, noise_sigma_in, op);
   check_cuda(images_in, op, "images");
-  const c10::cuda::CUDAGuard guard(images_in.device());
+  const cuda_host::DeviceGuard guard(images_in.device());
   const at::Tensor images = images_in.contiguous(), kernels = kernels_in.contiguous();
   const auto weights = contig(weights_in), mask = contig(mask_in), noise = contig(noise_in),
              noise_sigma = contig(noise_sigma_in);
@@ -206,7 +202,7 @@ at::Tensor blur_synthesize_cuda(const at::Tensor& images_in, const at::Tensor& k
   a.quantize = quantize;
   a.taps = taps.data_ptr();
   a.tap_counts = counts.data_ptr<int>();
-  check_launch(bc::launch_blur_forward(s, a, c10::cuda::getCurrentCUDAStream()), op);
+  check_launch(bc::launch_blur_forward(s, a, cuda_host::current_stream()), op);
   return out;
 }
 
@@ -223,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blur_synthesize_backw
               op, ": grad must match images in shape and dtype");
   check_cuda(images_in, op, "images");
   check_same_device(images_in, grad_in, op, "grad");
-  const c10::cuda::CUDAGuard guard(images_in.device());
+  const cuda_host::DeviceGuard guard(images_in.device());
   const at::Tensor grad = grad_in.contiguous(), images = images_in.contiguous(),
                    kernels = kernels_in.contiguous();
   const auto weights = contig(weights_in), mask = contig(mask_in);
@@ -261,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> blur_synthesize_backw
   a.hw = hw.numel() ? hw.data_ptr() : nullptr;
   a.direct = direct.numel() ? direct.data_ptr() : nullptr;
   a.grad_padded = grad_padded.numel() ? grad_padded.data_ptr() : nullptr;
-  check_launch(bc::launch_blur_backward(s, a, c10::cuda::getCurrentCUDAStream()), op);
+  check_launch(bc::launch_blur_backward(s, a, cuda_host::current_stream()), op);
   return {grad_images, grad_kernels, grad_weights, grad_mask};
 }
 
@@ -270,7 +266,7 @@ at::Tensor average_frames_cuda(const at::Tensor& frames_in, const at::Tensor& co
   const char* op = "average_frames";
   blur::check_frames_args(frames_in, counts_in, crf_gamma, op);
   check_cuda(frames_in, op, "frames");
-  const c10::cuda::CUDAGuard guard(frames_in.device());
+  const cuda_host::DeviceGuard guard(frames_in.device());
   const at::Tensor frames = frames_in.contiguous(), counts = counts_in.contiguous();
   const int64_t N = frames.size(0), T = frames.size(1);
   const int64_t P = frames.size(2) * frames.size(3) * frames.size(4);
@@ -279,7 +275,7 @@ at::Tensor average_frames_cuda(const at::Tensor& frames_in, const at::Tensor& co
   check_launch(bc::launch_average_frames(frames.data_ptr(), counts.data_ptr<int64_t>(), N, T, P,
                                          to_dtype(frames.scalar_type()), crf_gamma.has_value(),
                                          crf_gamma.value_or(1.0), out.data_ptr(),
-                                         c10::cuda::getCurrentCUDAStream()),
+                                         cuda_host::current_stream()),
                op);
   return out;
 }
@@ -292,7 +288,7 @@ at::Tensor average_frames_backward_cuda(const at::Tensor& grad_in, const at::Ten
   TORCH_CHECK(frames_in.scalar_type() != at::kByte, op, ": uint8 frames are not differentiable");
   check_cuda(frames_in, op, "frames");
   check_same_device(frames_in, grad_in, op, "grad");
-  const c10::cuda::CUDAGuard guard(frames_in.device());
+  const cuda_host::DeviceGuard guard(frames_in.device());
   const at::Tensor frames = frames_in.contiguous(), counts = counts_in.contiguous(),
                    grad = grad_in.contiguous();
   const int64_t N = frames.size(0), T = frames.size(1);
@@ -304,14 +300,14 @@ at::Tensor average_frames_backward_cuda(const at::Tensor& grad_in, const at::Ten
   check_launch(bc::launch_average_frames_backward(
                    grad.data_ptr(), frames.data_ptr(), counts.data_ptr<int64_t>(), N, T, P,
                    to_dtype(frames.scalar_type()), crf_gamma.has_value(), crf_gamma.value_or(1.0),
-                   out.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+                   out.data_ptr(), cuda_host::current_stream()),
                op);
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(facedeblur_ext, CUDA, m) {
+FACEDEBLUR_CUDA_LAUNCHERS(m) {
   m.impl("motion_kernels", &motion_kernels_cuda);
   m.impl("gaussian_kernels", &gaussian_kernels_cuda);
   m.impl("defocus_kernels", &defocus_kernels_cuda);

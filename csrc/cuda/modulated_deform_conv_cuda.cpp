@@ -19,9 +19,6 @@
 // The sampling kernels read NCHW planes: a channels_last input is copied to NCHW first (the
 // output and input gradient are still channels_last, like the input).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,6 +26,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "cuda/host_runtime.h"
 #include "cuda/modulated_deform_conv_kernels.h"
 #include "modulated_deform_conv_args.h"
 
@@ -36,6 +34,7 @@ namespace facedeblur {
 namespace {
 
 namespace kernels = facedeblur::cuda;
+using cuda_host::check_launch;
 
 constexpr const char* kOp = "modulated_deform_conv2d";
 
@@ -53,7 +52,7 @@ kernels::MdcDtype mdc_dtype(at::ScalarType t) {
 }
 
 void check_cuda_args(const at::Tensor& input) {
-  TORCH_CHECK(input.is_cuda(), kOp, ": expected CUDA tensors, got ", input.device());
+  TORCH_CHECK(cuda_host::on_kernel_device(input), kOp, ": expected CUDA tensors, got ", input.device());
   check_dtype_in(input, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, kOp, "input");
 }
 
@@ -121,7 +120,7 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& offset,
   const DeformConvGeometry g = check_modulated_deform_conv_args(
       kOp, input, offset, weight, bias, mask, stride, padding, dilation);
   check_cuda_args(input);
-  c10::cuda::CUDAGuard device_guard(input.device());
+  const cuda_host::DeviceGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool out_cl = prefers_channels_last(input);
   at::Tensor out = at::empty(
@@ -129,7 +128,7 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& offset,
       input.options().memory_format(out_cl ? at::MemoryFormat::ChannelsLast
                                            : at::MemoryFormat::Contiguous));
   if (g.batch == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda_host::current_stream();
   const at::Tensor x = input.contiguous();
   const kernels::MdcShape shape = to_shape(g);
   const kernels::MdcInputs in = to_inputs(x, offset, mask);
@@ -148,8 +147,8 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& offset,
     for (int64_t p0 = 0; p0 < g.out_pixels(); p0 += plan.pixels) {
       const int64_t pixels = std::min(plan.pixels, g.out_pixels() - p0);
       const kernels::MdcTile tile{n0, images, p0, pixels};
-      C10_CUDA_CHECK(
-          kernels::launch_mdc_gather_columns(dtype, shape, in, tile, columns.data_ptr(), stream));
+      check_launch(
+          kernels::launch_mdc_gather_columns(dtype, shape, in, tile, columns.data_ptr(), stream), kOp);
       const at::Tensor col4 =
           columns.narrow(0, 0, images * rows * pixels).view({images, groups, rows_g, pixels});
       for (int64_t b = 0; b < images; ++b) {
@@ -177,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const GradRequest want =
       check_modulated_deform_conv_backward_args(op, g, grad_output, input, mask, output_mask);
   deterministic = deterministic || at::globalContext().deterministicAlgorithms();
-  c10::cuda::CUDAGuard device_guard(input.device());
+  const cuda_host::DeviceGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const bool cl = prefers_channels_last(input);
@@ -203,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     return {grad_input, grad_offset, grad_mask, grad_weight, grad_bias};
   }
 
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = cuda_host::current_stream();
   const at::Tensor x = input.contiguous();
   const kernels::MdcShape shape = to_shape(g);
   const kernels::MdcInputs in = to_inputs(x, offset, mask);
@@ -267,32 +266,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           at::Tensor dst = gcol4[b];
           at::bmm_out(dst, w3_t, gout_block(b));
         }
-        C10_CUDA_CHECK(kernels::launch_mdc_backward_samples(
+        check_launch(kernels::launch_mdc_backward_samples(
             dtype, shape, in, tile, grad_columns.data_ptr(), outs,
-            /*atomic_input_grad=*/!deterministic, stream));
+            /*atomic_input_grad=*/!deterministic, stream), kOp);
       } else {
-        C10_CUDA_CHECK(kernels::launch_mdc_gather_columns(dtype, shape, in, tile,
-                                                          columns.data_ptr(), stream));
+        check_launch(kernels::launch_mdc_gather_columns(dtype, shape, in, tile,
+                                                          columns.data_ptr(), stream), kOp);
       }
       if (want.input && deterministic) {
         const int64_t entries = kernels::mdc_entry_count(shape, tile);
         const int64_t key_count = kernels::mdc_key_count(shape, tile);
         at::Tensor keys = at::empty({entries}, opts.dtype(at::kLong));
         at::Tensor weights = at::empty({entries}, opts.dtype(acc_type));
-        C10_CUDA_CHECK(kernels::launch_mdc_scatter_keys(dtype, shape, in, tile,
+        check_launch(kernels::launch_mdc_scatter_keys(dtype, shape, in, tile,
                                                         keys.data_ptr<int64_t>(),
-                                                        weights.data_ptr(), stream));
+                                                        weights.data_ptr(), stream), kOp);
         // Stable: equal keys keep entry order, so every sum below has a fixed order.
         // (std::optional spelled out: a plain `true` would select sort(self, dim, descending).)
         auto [sorted_keys, permutation] =
             at::sort(keys, std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
         at::Tensor starts = at::empty({key_count + 1}, opts.dtype(at::kLong));
-        C10_CUDA_CHECK(kernels::launch_mdc_segment_starts(sorted_keys.data_ptr<int64_t>(),
+        check_launch(kernels::launch_mdc_segment_starts(sorted_keys.data_ptr<int64_t>(),
                                                           entries, key_count,
-                                                          starts.data_ptr<int64_t>(), stream));
-        C10_CUDA_CHECK(kernels::launch_mdc_gather_input_grad(
+                                                          starts.data_ptr<int64_t>(), stream), kOp);
+        check_launch(kernels::launch_mdc_gather_input_grad(
             dtype, shape, tile, starts.data_ptr<int64_t>(), permutation.data_ptr<int64_t>(),
-            weights.data_ptr(), grad_columns.data_ptr(), outs.grad_input_acc, stream));
+            weights.data_ptr(), grad_columns.data_ptr(), outs.grad_input_acc, stream), kOp);
       }
       if (want.weight) {
         const at::Tensor col4 =
@@ -300,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         for (int64_t b = 0; b < images; ++b) {
           if (half_type) {
             // float32 GEMM output: no half rounding of the partial sums.
-            grad_w3.add_(at::bmm(gout_block(b), col4[b].transpose(1, 2), at::kFloat));
+            grad_w3.add_(cuda_host::bmm_float32_out(gout_block(b), col4[b].transpose(1, 2)));
           } else {
             grad_w3.baddbmm_(gout_block(b), col4[b].transpose(1, 2));
           }
@@ -318,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 }  // namespace
 }  // namespace facedeblur
 
-TORCH_LIBRARY_IMPL(facedeblur_ext, CUDA, m) {
+FACEDEBLUR_CUDA_LAUNCHERS(m) {
   m.impl("modulated_deform_conv2d", facedeblur::forward_cuda);
   m.impl("modulated_deform_conv2d_backward", facedeblur::backward_cuda);
 }

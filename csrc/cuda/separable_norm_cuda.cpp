@@ -4,8 +4,6 @@
 #include <ATen/ExpandUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -15,12 +13,14 @@
 
 #include "common/checks.h"
 #include "common/separable_norm.h"
+#include "cuda/host_runtime.h"
 #include "cuda/separable_norm_kernels.h"
 
 namespace facedeblur::snorm {
 namespace {
 
 namespace kern = facedeblur::cuda::snorm;
+using cuda_host::check_launch;
 
 constexpr int64_t kMaxBatch = 65535;  // the batch is a grid dimension of the backward kernels
 
@@ -58,12 +58,8 @@ void check_cuda_input(const char* op, const at::Tensor& x, const Prepared& p) {
 }
 
 void check_dtype(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), op, ": expected x on a CUDA device, got ", x.device());
+  TORCH_CHECK(cuda_host::on_kernel_device(x), op, ": expected x on a CUDA device, got ", x.device());
   check_dtype_in(x, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}, op, "x");
-}
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
@@ -86,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_norm_forward_cuda(
     const std::optional<at::Tensor>& beta, double eps) {
   constexpr const char* op = "separable_norm_forward";
   check_dtype(op, x);
-  c10::cuda::CUDAGuard guard(x.device());
+  const cuda_host::DeviceGuard guard(x.device());
   Prepared p = prepare(op, x, masks, gamma, beta, eps, /*kernel_handles_channels_last=*/true);
   check_cuda_input(op, x, p);
   const auto acc = stats_dtype(x.scalar_type());
@@ -95,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_norm_forward_cuda(
   at::Tensor rstd = at::empty({p.N, p.C, p.R}, p.x.options().dtype(acc));
   const kern::Shape shape = kernel_shape(p);
   const kern::Dtype dtype = kernel_dtype(x.scalar_type());
-  const int device = x.get_device();
+  const int device = cuda_host::device_index(x);
   at::Tensor ws = workspace(kern::forward_workspace_bytes(shape, dtype, device), p.x);
   kern::ForwardArgs args;
   args.x = p.x.const_data_ptr();
@@ -107,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> separable_norm_forward_cuda(
   args.mean = mean.mutable_data_ptr();
   args.rstd = rstd.mutable_data_ptr();
   check_launch(kern::forward(shape, dtype, args, ws.mutable_data_ptr(), device,
-                             c10::cuda::getCurrentCUDAStream(device).stream()),
+                             cuda_host::current_stream(device)),
                op);
   return {out, mean, rstd};
 }
@@ -121,7 +117,7 @@ separable_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
                              std::array<bool, 4> output_mask) {
   constexpr const char* op = "separable_norm_backward";
   check_dtype(op, x);
-  c10::cuda::CUDAGuard guard(x.device());
+  const cuda_host::DeviceGuard guard(x.device());
   Prepared p = prepare(op, x, masks, gamma, beta, eps, /*kernel_handles_channels_last=*/true);
   check_cuda_input(op, x, p);
   check_saved_stats(op, p, mean, rstd);
@@ -154,7 +150,7 @@ separable_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
 
   const kern::Shape shape = kernel_shape(p);
   const kern::Dtype dtype = kernel_dtype(x.scalar_type());
-  const int device = x.get_device();
+  const int device = cuda_host::device_index(x);
   if (want_dx || want_dmask || dgamma_pixel || dgamma_plane || dbeta_full || dbeta_plane) {
     at::Tensor ws =
         workspace(kern::backward_workspace_bytes(shape, dtype, want_dmask, device), p.x);
@@ -173,7 +169,7 @@ separable_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
     args.gamma_plane_sums = dgamma_plane ? dgamma_sums.mutable_data_ptr() : nullptr;
     args.beta_plane_sums = dbeta_plane ? dbeta_sums.mutable_data_ptr() : nullptr;
     check_launch(kern::backward(shape, dtype, args, ws.mutable_data_ptr(), device,
-                                c10::cuda::getCurrentCUDAStream(device).stream()),
+                                cuda_host::current_stream(device)),
                  op);
   }
 
@@ -195,7 +191,7 @@ separable_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(facedeblur_ext, CUDA, m) {
+FACEDEBLUR_CUDA_LAUNCHERS(m) {
   m.impl("separable_norm_forward", &separable_norm_forward_cuda);
   m.impl("separable_norm_backward", &separable_norm_backward_cuda);
 }
