@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,70 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class EmulatedCuda(str):
+    """The device of the ``cuda_emulated`` test runs: tensors live on the CPU (the string is
+    ``"cpu"``), and every facedeblur_ext op runs through its CUDA launcher with the kernels in
+    the CPU emulator (tests/cuda_emulation.py, ``EmulatedCudaOps``)."""
+
+
 def device_params(*, cuda: bool = True):
-    """``pytest.param`` list for parametrizing over devices; the CUDA one carries the mark."""
+    """``pytest.param`` list for parametrizing over devices: the CPU; with ``cuda``, a real
+    CUDA device (mark ``cuda``) and the emulated one (mark ``cuda_emulation``)."""
     params = [pytest.param("cpu", id="cpu")]
     if cuda:
         params.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
+        params.append(pytest.param(EmulatedCuda("cpu"), id="cuda_emulated",
+                                   marks=pytest.mark.cuda_emulation))
     return params
+
+
+def cuda_params():
+    """``pytest.param`` list for the CUDA-only tests: a real CUDA device (mark ``cuda``) and
+    the emulated one (mark ``cuda_emulation``). Their CPU side runs under :func:`cpu_kernels`."""
+    return [pytest.param("cuda", id="cuda", marks=pytest.mark.cuda),
+            pytest.param(EmulatedCuda("cpu"), id="cuda_emulated",
+                         marks=pytest.mark.cuda_emulation)]
+
+
+_EMULATION = []  # the EmulatedCudaOps of the running cuda_emulated test, if any
+
+
+@contextlib.contextmanager
+def cpu_kernels():
+    """The facedeblur_ext CPU kernels inside, also in a ``cuda_emulated`` test (where the ops
+    otherwise run through the emulated CUDA launchers): the CPU side of a CUDA-vs-CPU
+    comparison. A no-op elsewhere."""
+    with _EMULATION[-1].cpu_kernels() if _EMULATION else contextlib.nullcontext():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda_ops(request):
+    """For a test whose ``device`` is :class:`EmulatedCuda`: the facedeblur_ext ops run
+    through the emulated CUDA launchers, and the test must have called at least one."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or not isinstance(callspec.params.get("device"), EmulatedCuda):
+        yield
+        return
+    from cuda_emulation import EmulatedCudaOps, shared_emulator
+
+    mode = EmulatedCudaOps(shared_emulator())
+    _EMULATION.append(mode)
+    try:
+        with mode:
+            yield
+    finally:
+        _EMULATION.pop()
+    if getattr(request.node, "call_passed", False):
+        assert mode.calls, "the test ran no facedeblur_ext op through the emulated CUDA launchers"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.call_passed = report.passed  # read by _emulated_cuda_ops at teardown
+    return report
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -32,6 +33,8 @@ from pathlib import Path
 
 import torch
 from torch.utils import cpp_extension
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 REPO = Path(__file__).resolve().parents[1]
 CSRC_ENV = "FACEDEBLUR_EMULATOR_CSRC"
@@ -228,7 +231,7 @@ class CudaEmulator:
         except RuntimeError as error:
             if "CUDA kernel launch failed" not in str(error):
                 raise
-            raise EmulatedLaunchError(f"{name}: {error}") from None
+            raise EmulatedLaunchError(str(error)) from None
 
     def motion_kernels(self, length, angle, size, dtype):
         return self._op("motion_kernels", length, angle, size, dtype)
@@ -294,3 +297,54 @@ class CudaEmulator:
         """Gradients (x, masks, gamma, beta)."""
         return self._op("separable_norm_backward", grad_out, x, masks, gamma, beta, mean, rstd,
                         eps, output_mask)
+
+
+class EmulatedCudaOps(TorchDispatchMode):
+    """While active, every ``torch.ops.facedeblur_ext`` call runs its CUDA launcher in the
+    emulator instead of the CPU kernel: the call goes to its ``facedeblur_emu`` twin (the
+    dispatch mode sits below autograd, so the Python autograd formulas still run and reach the
+    emulated backward ops). ``calls`` counts the redirected calls per op.
+
+    The existing device tests use it as their ``cuda_emulated`` device (tests/conftest.py):
+    tensors on the CPU, the ops through the CUDA code path.
+    """
+
+    def __init__(self, emulator: CudaEmulator):
+        super().__init__()
+        self.emulator = emulator
+        self.calls: dict[str, int] = {}
+        self.redirecting = True
+
+    @contextlib.contextmanager
+    def cpu_kernels(self):
+        """The CPU kernels again inside (the CPU side of a CUDA-vs-CPU comparison)."""
+        before, self.redirecting = self.redirecting, False
+        try:
+            yield
+        finally:
+            self.redirecting = before
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if not self.redirecting or func.namespace != "facedeblur_ext" or any(
+                type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu"
+                for t in tensors):
+            # Other ops, and fake or meta tensors (opcheck, torch.compile), as without the mode.
+            return func(*args, **(kwargs or {}))
+        name = func._schema.name.split("::", 1)[1]
+        self.calls[name] = self.calls.get(name, 0) + 1
+        twin = getattr(getattr(self.emulator.ops, name), func._overloadname)
+        self.emulator.reset()
+        return twin(*args, **(kwargs or {}))
+
+
+_EMULATOR: CudaEmulator | None = None
+
+
+def shared_emulator() -> CudaEmulator:
+    """One emulator per process (the library is loaded once), on the forward schedule with the
+    default SM count."""
+    global _EMULATOR
+    if _EMULATOR is None:
+        _EMULATOR = CudaEmulator(build_emulator())
+    return _EMULATOR

@@ -9,7 +9,7 @@ import facedeblur_ref as ref
 import numpy as np
 import pytest
 import torch
-from conftest import device_params
+from conftest import cpu_kernels, cuda_params, device_params
 
 import facedeblur_ext.ops as ops
 from facedeblur_ext.nn import BlurConfig, BlurSynthesizer
@@ -747,38 +747,43 @@ def test_baseline_isa_path_matches_the_avx2_path(tmp_path):
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.cuda
-def test_cuda_generators_match_cpu():
+@pytest.mark.parametrize("device", cuda_params())
+def test_cuda_generators_match_cpu(device):
     params, su, sn = ops.blur.trajectory_random_inputs(
         6, 31, num_steps=1500, anxiety=(0.001, 0.05), generator=torch.Generator().manual_seed(0))
     for centering in (0, 1):
-        cpu = OP.trajectory_kernels(params, su, sn, 31, centering, torch.float64)
-        gpu = OP.trajectory_kernels(params.cuda(), su.cuda(), sn.cuda(), 31, centering,
-                                    torch.float64)
+        with cpu_kernels():
+            cpu = OP.trajectory_kernels(params, su, sn, 31, centering, torch.float64)
+        gpu = OP.trajectory_kernels(params.to(device), su.to(device), sn.to(device), 31,
+                                    centering, torch.float64)
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-9)
     lengths, angles = torch.rand(7) * 60, torch.rand(7) * 360
     for size in (15, 51, 64):
-        torch.testing.assert_close(ops.motion_kernels(lengths, angles, size, device="cuda").cpu(),
-                                   ops.motion_kernels(lengths, angles, size), rtol=0, atol=1e-7)
-        torch.testing.assert_close(ops.defocus_kernels(lengths / 4, size, device="cuda").cpu(),
-                                   ops.defocus_kernels(lengths / 4, size), rtol=0, atol=1e-7)
-        torch.testing.assert_close(ops.gaussian_kernels(lengths / 8, size, device="cuda").cpu(),
-                                   ops.gaussian_kernels(lengths / 8, size), rtol=0, atol=1e-7)
-    half = ops.motion_kernels(lengths, angles, 15, device="cuda", dtype=torch.bfloat16)
+        with cpu_kernels():
+            cpu = [ops.motion_kernels(lengths, angles, size),
+                   ops.defocus_kernels(lengths / 4, size), ops.gaussian_kernels(lengths / 8, size)]
+        gpu = [ops.motion_kernels(lengths, angles, size, device=device),
+               ops.defocus_kernels(lengths / 4, size, device=device),
+               ops.gaussian_kernels(lengths / 8, size, device=device)]
+        for a, b in zip(gpu, cpu):
+            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-7)
+    half = ops.motion_kernels(lengths, angles, 15, device=device, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
     # long walks: the launcher generates in chunks of 4 kernels here (64 MiB of positions)
     params, su, sn = ops.blur.trajectory_random_inputs(
         9, 25, num_steps=1_000_001, generator=torch.Generator().manual_seed(1))
-    cpu = OP.trajectory_kernels(params, su, sn, 25, 1, torch.float64)
-    gpu = OP.trajectory_kernels(params.cuda(), su.cuda(), sn.cuda(), 25, 1, torch.float64)
+    with cpu_kernels():
+        cpu = OP.trajectory_kernels(params, su, sn, 25, 1, torch.float64)
+    gpu = OP.trajectory_kernels(params.to(device), su.to(device), sn.to(device), 25, 1,
+                                torch.float64)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-8)
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", cuda_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.uint8, torch.float16,
                                    torch.bfloat16])
 @pytest.mark.parametrize("border", BORDERS)
-def test_cuda_blur_matches_cpu(dtype, border):
+def test_cuda_blur_matches_cpu(dtype, border, device):
     # sizes that are not multiples of the 32 x 32 tile, several regions, a 51 x 51 kernel
     n, c, h, w, r = 3, 3, 70, 45, 2
     x = _images(n, c, h, w, dtype, "cpu")
@@ -795,18 +800,20 @@ def test_cuda_blur_matches_cpu(dtype, border):
     for args in [(weights, mask, None, None, 2.2, False), (weights, None, noise, sigma, None, True),
                  (None, mask, None, None, None, False)]:
         kk = k if args[0] is not None else k[:, :1].contiguous()
-        cpu = OP.blur_synthesize(x, kk, *args, border)
-        gpu = OP.blur_synthesize(x.cuda(), kk.cuda(), *[a.cuda() if isinstance(a, torch.Tensor)
-                                                         else a for a in args], border)
+        with cpu_kernels():
+            cpu = OP.blur_synthesize(x, kk, *args, border)
+        gpu = OP.blur_synthesize(x.to(device), kk.to(device),
+                                 *[a.to(device) if isinstance(a, torch.Tensor) else a
+                                   for a in args], border)
         _compare(gpu.cpu(), cpu, quantized=bool(args[5]))
 
 
-@pytest.mark.cuda
-def test_cuda_blur_refuses_kernels_beyond_shared_memory():
+@pytest.mark.parametrize("device", cuda_params())
+def test_cuda_blur_refuses_kernels_beyond_shared_memory(device):
     # a 151 x 151 float64 halo tile needs (32 + 150)^2 * 8 = 265 KB, above every GPU's per-block
     # limit (227 KB on H100): a clear error before launch, not "invalid argument"
-    x = torch.rand(1, 1, 160, 160, dtype=torch.float64, device="cuda")
-    k = torch.zeros(1, 1, 151, 151, dtype=torch.float64, device="cuda")
+    x = torch.rand(1, 1, 160, 160, dtype=torch.float64, device=device)
+    k = torch.zeros(1, 1, 151, 151, dtype=torch.float64, device=device)
     k[..., 75, 75] = 1
     with pytest.raises(RuntimeError, match="bytes of shared memory per block"):
         OP.blur_synthesize(x, k, None, None, None, None, None, False, "reflect")
@@ -815,9 +822,9 @@ def test_cuda_blur_refuses_kernels_beyond_shared_memory():
                                     [True, True, False, False])
 
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", cuda_params())
 @pytest.mark.parametrize("border", BORDERS)
-def test_cuda_blur_backward_matches_cpu(border):
+def test_cuda_blur_backward_matches_cpu(border, device):
     x, k, weights, mask = _grad_inputs("cpu", True)
     x = torch.rand(2, 2, 40, 37, dtype=torch.float64) * 0.8 + 0.2
     weights = torch.rand(2, 2, 40, 37, dtype=torch.float64)
@@ -827,18 +834,22 @@ def test_cuda_blur_backward_matches_cpu(border):
     for crf in (None, 2.2):
         for need in ([True, True, True, True], [True, False, False, False],
                      [False, True, False, True]):
-            cpu = OP.blur_synthesize_backward(grad, x, k, weights, mask, crf, border, need)
-            gpu = OP.blur_synthesize_backward(grad.cuda(), x.cuda(), k.cuda(), weights.cuda(),
-                                              mask.cuda(), crf, border, need)
+            with cpu_kernels():
+                cpu = OP.blur_synthesize_backward(grad, x, k, weights, mask, crf, border, need)
+            gpu = OP.blur_synthesize_backward(grad.to(device), x.to(device), k.to(device),
+                                              weights.to(device), mask.to(device), crf, border,
+                                              need)
             for a, b, wanted in zip(gpu, cpu, need):
                 assert a.numel() == b.numel() and (a.numel() > 0) == wanted
                 torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
     frames = torch.rand(2, 5, 3, 9, 11, dtype=torch.float64)
     counts = torch.tensor([5, 3])
     g = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    with cpu_kernels():
+        cpu = OP.average_frames_backward(g, frames, counts, 2.2)
     torch.testing.assert_close(
-        OP.average_frames_backward(g.cuda(), frames.cuda(), counts.cuda(), 2.2).cpu(),
-        OP.average_frames_backward(g, frames, counts, 2.2))
+        OP.average_frames_backward(g.to(device), frames.to(device), counts.to(device),
+                                   2.2).cpu(), cpu)
 
 
 @pytest.mark.cuda

@@ -10,7 +10,7 @@ import facedeblur_ref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import device_params
+from conftest import cuda_params, device_params
 
 import facedeblur_ext
 from facedeblur_ext.nn import ConditionedDeformConv2d, ModulatedDeformConv2d
@@ -574,13 +574,13 @@ def test_self_check_registered():
 # CUDA (skipped without a GPU and a CUDA build)
 # ------------------------------------------------------------------------------------------
 
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", cuda_params())
 @pytest.mark.parametrize("tile_elements", ["1", "150", "100000000"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_cuda_tiles_and_deterministic_path(monkeypatch, tile_elements, deterministic):
+def test_cuda_tiles_and_deterministic_path(monkeypatch, tile_elements, deterministic, device):
     monkeypatch.setenv("FACEDEBLUR_DEFORM_TILE_ELEMENTS", tile_elements)
     case = Case(batch=3, in_channels=8, out_channels=6, size=(8, 7), groups=2, offset_groups=2)
-    tensors = case.tensors(dtype=torch.float64, device="cuda", requires_grad=False)
+    tensors = case.tensors(dtype=torch.float64, device=device, requires_grad=False)
     out = case.call(modulated_deform_conv2d, *tensors)
     grad = torch.randn_like(out)
     ref_inputs = [t.requires_grad_() if t is not None else None for t in tensors]
@@ -611,7 +611,7 @@ def test_cuda_many_small_images(offset_groups):
     torch.testing.assert_close(got.cpu(), want, **TOLERANCES[torch.float32])
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda  # emulated: tests/test_cuda_emulation.py (the wrapper takes no half CPU data)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_types_accumulate_in_float32(dtype):
     case = Case(in_channels=16, out_channels=8, size=(12, 13), offset_groups=2)
@@ -638,11 +638,11 @@ def test_cuda_autocast_keeps_half():
     assert x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
 
 
-@pytest.mark.cuda
-def test_cuda_deterministic_is_bitwise_reproducible():
+@pytest.mark.parametrize("device", cuda_params())
+def test_cuda_deterministic_is_bitwise_reproducible(device):
     case = Case(batch=4, in_channels=32, out_channels=16, size=(24, 24), offset_scale=3.0)
-    tensors = case.tensors(dtype=torch.float32, device="cuda")
-    grad = torch.randn(case.batch, 16, 24, 24, device="cuda")
+    tensors = case.tensors(dtype=torch.float32, device=device)
+    grad = torch.randn(case.batch, 16, 24, 24, device=device)
     x, offset, weight, bias, mask = (t.detach() for t in tensors)
     runs = [BACKWARD_OP(grad, x, offset, weight, mask, [1, 1], [1, 1], [1, 1], [True] * 5, True)
             for _ in range(3)]
