@@ -543,3 +543,28 @@ def test_a_launcher_thread_that_ends_does_not_stop_a_worker():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["alive"]
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_to_the_whole_process_group_saves_and_stops(tmp_path, signum):
+    """Ctrl-C in a terminal (SIGINT) and `pkill -f` (SIGTERM) reach the DataLoader workers too:
+    they ignore it, and the main process finishes its step, saves and stops (a killed worker
+    used to end the run with "DataLoader worker ... is killed" and no final checkpoint)."""
+    run = tmp_path / "run"
+    argv = train_argv(run, "train.max_steps=100000", "train.checkpoint_every=100000",
+                      "train.num_workers=1", "val.at_end=false")
+    process = subprocess.Popen([sys.executable, "-m", "facedeblur_ext", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=subprocess_env(), start_new_session=True)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and logged_steps(run) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, process.communicate()[1][-3000:]
+    os.killpg(process.pid, signum)
+    out, err = process.communicate(timeout=240)
+    assert process.returncode == 128 + signum, err[-3000:]
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert saved["step"] >= 2 and f"stopped at step {saved['step']}" in out, out[-2000:]

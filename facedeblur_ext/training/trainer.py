@@ -173,6 +173,14 @@ class _Context(StepContext):
                 p.requires_grad_(True)
 
 
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM, which the main
+    process handles (finish the step, save, stop; it then ends its workers itself). A worker
+    whose main process is gone exits on its own (torch's worker watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 class Trainer:
     """Run a ``Task`` as configured.
 
@@ -433,6 +441,9 @@ class Trainer:
                   f"batch {self.epoch_step}/{self.steps_per_epoch}")
 
     # ------------------------------------------------------------------ signals
+    # SIGINT/SIGTERM stop the run through the main process only: a terminal's Ctrl-C and
+    # `pkill -f` also reach the DataLoader workers, which ignore them (ignore_stop_signals), so
+    # the main process finishes its step and saves instead of failing on a killed worker.
 
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
@@ -472,7 +483,8 @@ class Trainer:
                 m.eval()
             loader = DataLoader(self.val_set, batch_size=int(vcfg.get("batch_size", 4)),
                                 shuffle=False, collate_fn=self.task.collate_fn(),
-                                num_workers=int(self.config["train"].get("num_workers", 0)))
+                                num_workers=int(self.config["train"].get("num_workers", 0)),
+                                worker_init_fn=ignore_stop_signals)
             max_batches = vcfg.get("max_batches")
             psnrs, ssims = [], []
             with self.ctx.autocast():
@@ -526,6 +538,7 @@ class Trainer:
                           collate_fn=self.task.collate_fn(),
                           pin_memory=self.device.type == "cuda",
                           generator=self.loader_generator,
+                          worker_init_fn=ignore_stop_signals,
                           persistent_workers=False)
 
     def fit(self) -> dict:
