@@ -852,17 +852,17 @@ def test_cuda_blur_backward_matches_cpu(border, device):
                                    2.2).cpu(), cpu)
 
 
-@pytest.mark.cuda
-def test_opcheck_cuda():
-    x, k, weights, mask = _grad_inputs("cuda", True)
+@pytest.mark.parametrize("device", cuda_params())
+def test_opcheck_cuda(device):
+    x, k, weights, mask = _grad_inputs(device, True)
     torch.library.opcheck(OP.blur_synthesize,
                           (x, k, weights, mask, None, None, 2.2, False, "reflect"))
     torch.library.opcheck(OP.blur_synthesize,
                           ((x.detach() * 255).to(torch.uint8), k[:, :1].detach().float(), None,
                            None, None, None, None, False, "zeros"))
     params, su, sn = ops.blur.trajectory_random_inputs(
-        3, 11, num_steps=50, generator=torch.Generator("cuda").manual_seed(0), device="cuda")
+        3, 11, num_steps=50, generator=torch.Generator(device).manual_seed(0), device=device)
     torch.library.opcheck(OP.trajectory_kernels, (params, su, sn, 11, 0, torch.float32))
-    frames = torch.rand(2, 4, 2, 5, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    frames = torch.rand(2, 4, 2, 5, 6, dtype=torch.float64, device=device, requires_grad=True)
     torch.library.opcheck(OP.average_frames,
-                          (frames, torch.tensor([4, 2], device="cuda"), 2.2))
+                          (frames, torch.tensor([4, 2], device=device), 2.2))

@@ -670,13 +670,13 @@ def test_cuda_channels_last_and_side_stream():
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.cuda
-def test_cuda_self_check_and_opcheck():
+@pytest.mark.parametrize("device", cuda_params())
+def test_cuda_self_check_and_opcheck(device):
     from facedeblur_ext.ops import SELF_CHECKS
 
-    SELF_CHECKS["modulated_deform_conv2d"](torch.device("cuda"))
+    SELF_CHECKS["modulated_deform_conv2d"](torch.device(device))
     case = Case(in_channels=4)
-    x, offset, weight, bias, mask = case.tensors(dtype=torch.float32, device="cuda")
+    x, offset, weight, bias, mask = case.tensors(dtype=torch.float32, device=device)
     torch.library.opcheck(OP, (x, offset, weight, bias, mask, [1, 1], [1, 1], [1, 1]))
 
 
