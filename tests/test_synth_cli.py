@@ -120,3 +120,11 @@ def test_motion_mode_writes_ordered_moments_and_resumes(tmp_path, two_faces):
     assert (again / record["files"]["blurry"]).read_bytes() == first_bytes
     with pytest.raises(ValueError, match="--num-frames was '3-5', now '3-6'"):
         run_synth([*common[:-2], "--num-frames", "3-6", *common[-2:]])
+
+
+def test_a_missing_input_makes_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_synth(["--input", str(tmp_path / "missing"), "--output", str(out),
+                      "--mode", "kernel"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists()

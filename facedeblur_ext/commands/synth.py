@@ -498,6 +498,9 @@ def run(args: argparse.Namespace) -> int:
     """
     from facedeblur_ext.training.lock import FolderLock, remove_orphan_temp_files
 
+    if not args.input.exists():  # before the lock, which would make the output folder
+        print(f"facedeblur synth: input {args.input} does not exist", file=sys.stderr)
+        return 2
     with FolderLock(args.output, "facedeblur synth"):
         remove_orphan_temp_files(args.output)
         return _write_data_set(args)
@@ -509,9 +512,6 @@ def _write_data_set(args: argparse.Namespace) -> int:
     from facedeblur_ext.data.face import FaceAnalyzer
     from facedeblur_ext.training.checkpoint import disk_full_error
 
-    if not args.input.exists():
-        print(f"facedeblur synth: input {args.input} does not exist", file=sys.stderr)
-        return 2
     out: Path = args.output
     synthesizer = None
     if args.mode in ("kernel", "face-only"):
