@@ -32,7 +32,6 @@ __all__ = [
     "MappingNetwork",
     "ShallowConvModule",
     "UNetDiscriminator",
-    "control_sweep",
     "image_pyramid",
     "load_generator",
 ]
@@ -257,16 +256,6 @@ class CFMDGenerator(nn.Module):
         if isinstance(u, Tensor) and u.dim() == 4 and (pad_h or pad_w):
             u_plane = F.pad(u, (0, pad_w, 0, pad_h), mode="replicate")
         return self(x, u_plane)[-1][..., :h, :w].clamp(0, 1)
-
-
-def control_sweep(num_frames: int) -> list[float]:
-    """The control factors for ``num_frames`` restored moments: evenly from 0 to 1; 0.5 alone
-    (the centre moment) for one frame."""
-    if num_frames < 1:
-        raise ValueError("num_frames must be >= 1")
-    if num_frames == 1:
-        return [0.5]
-    return [i / (num_frames - 1) for i in range(num_frames)]
 
 
 # ----------------------------------------------------------------------------- discriminator

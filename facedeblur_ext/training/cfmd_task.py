@@ -168,7 +168,11 @@ class CFMDTask(Task):
         samples = [dataset[i] for i in picks]
         blurry = torch.stack([s["blurry"] for s in samples]).to(self.device)
         sharp = torch.stack([self.pair(s)[0] for s in samples]).to(self.device)
-        frames = int(pcfg.get("frames", 7))
-        from ..models.cfmd import control_sweep
+        # The u values deblur would restore from this model (its config's inference table):
+        # the trained range, or the one moment of a still-face model.
+        from ..inference import inference_settings, moment_controls
 
-        return preview_grid(models["generator"], blurry, sharp, control_sweep(frames)).cpu()
+        settings = inference_settings(self.config.get("inference"), source="the config")
+        frames = int(pcfg.get("frames", 7)) if settings.moments else 1
+        return preview_grid(models["generator"], blurry, sharp,
+                            moment_controls(settings, frames)).cpu()
