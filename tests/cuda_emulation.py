@@ -342,8 +342,8 @@ _EMULATOR: CudaEmulator | None = None
 
 
 def shared_emulator() -> CudaEmulator:
-    """One emulator per process (the library is loaded once), on the forward schedule with the
-    default SM count."""
+    """One emulator per process (the library is loaded once); callers set its schedule and SM
+    count."""
     global _EMULATOR
     if _EMULATOR is None:
         _EMULATOR = CudaEmulator(build_emulator())

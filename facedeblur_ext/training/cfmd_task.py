@@ -68,6 +68,9 @@ class CFMDTask(Task):
 
     def __init__(self, config: dict, device: torch.device):
         super().__init__(config, device)
+        from ..inference import inference_settings
+
+        inference_settings(config.get("inference"), source="the config")  # fail before training
         lcfg = config.get("loss", {})
         perceptual = None
         weights = dict(lcfg.get("weights") or {})

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
 import shutil
 import signal
 import threading
@@ -175,11 +176,20 @@ class _Context(StepContext):
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: the worker ignores SIGINT and SIGTERM, which the main
-    process handles (finish the step, save, stop; it then ends its workers itself). A worker
-    whose main process is gone exits on its own (torch's worker watchdog)."""
+    """DataLoader ``worker_init_fn``: the worker leaves SIGINT and SIGTERM from a terminal or
+    ``pkill`` to the main process (finish the step, save, stop; it then ends its workers
+    itself). A SIGTERM from the main process (DataLoader shutdown, multiprocessing's exit) still
+    ends the worker at once: SIGTERM is blocked and a thread takes it with its sender's PID."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def take_sigterm() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+                os._exit(0)
+
+    threading.Thread(target=take_sigterm, name="sigterm", daemon=True).start()
 
 class Trainer:
     """Run a ``Task`` as configured.
