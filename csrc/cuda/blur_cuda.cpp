@@ -35,7 +35,8 @@ bc::Dtype to_dtype(at::ScalarType t) {
 }
 
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(cuda_host::on_kernel_device(t), op, ": expected ", name, " on a CUDA device, got ", t.device());
+  TORCH_CHECK(cuda_host::on_kernel_device(t), op, ": expected ", name, " on a CUDA device, got ",
+              t.device());
 }
 
 const void* opt_ptr(const std::optional<at::Tensor>& t) {

@@ -52,7 +52,8 @@ kernels::MdcDtype mdc_dtype(at::ScalarType t) {
 }
 
 void check_cuda_args(const at::Tensor& input) {
-  TORCH_CHECK(cuda_host::on_kernel_device(input), kOp, ": expected CUDA tensors, got ", input.device());
+  TORCH_CHECK(cuda_host::on_kernel_device(input), kOp, ": expected CUDA tensors, got ",
+              input.device());
   check_dtype_in(input, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, kOp, "input");
 }
 
@@ -148,7 +149,8 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& offset,
       const int64_t pixels = std::min(plan.pixels, g.out_pixels() - p0);
       const kernels::MdcTile tile{n0, images, p0, pixels};
       check_launch(
-          kernels::launch_mdc_gather_columns(dtype, shape, in, tile, columns.data_ptr(), stream), kOp);
+          kernels::launch_mdc_gather_columns(dtype, shape, in, tile, columns.data_ptr(), stream),
+          kOp);
       const at::Tensor col4 =
           columns.narrow(0, 0, images * rows * pixels).view({images, groups, rows_g, pixels});
       for (int64_t b = 0; b < images; ++b) {

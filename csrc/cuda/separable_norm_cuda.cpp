@@ -58,7 +58,8 @@ void check_cuda_input(const char* op, const at::Tensor& x, const Prepared& p) {
 }
 
 void check_dtype(const char* op, const at::Tensor& x) {
-  TORCH_CHECK(cuda_host::on_kernel_device(x), op, ": expected x on a CUDA device, got ", x.device());
+  TORCH_CHECK(cuda_host::on_kernel_device(x), op, ": expected x on a CUDA device, got ",
+              x.device());
   check_dtype_in(x, {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}, op, "x");
 }
 

@@ -70,7 +70,8 @@ class CFMDTask(Task):
         super().__init__(config, device)
         from ..inference import inference_settings
 
-        inference_settings(config.get("inference"), source="the config")  # fail before training
+        # What the model learns (checked before training; the preview restores these u).
+        self.inference = inference_settings(config.get("inference"), source="the config")
         lcfg = config.get("loss", {})
         perceptual = None
         weights = dict(lcfg.get("weights") or {})
@@ -173,9 +174,8 @@ class CFMDTask(Task):
         sharp = torch.stack([self.pair(s)[0] for s in samples]).to(self.device)
         # The u values deblur would restore from this model (its config's inference table):
         # the trained range, or the one moment of a still-face model.
-        from ..inference import inference_settings, moment_controls
+        from ..inference import moment_controls
 
-        settings = inference_settings(self.config.get("inference"), source="the config")
-        frames = int(pcfg.get("frames", 7)) if settings.moments else 1
+        frames = int(pcfg.get("frames", 7)) if self.inference.moments else 1
         return preview_grid(models["generator"], blurry, sharp,
-                            moment_controls(settings, frames)).cpu()
+                            moment_controls(self.inference, frames)).cpu()
