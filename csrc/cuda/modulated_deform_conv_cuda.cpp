@@ -51,10 +51,10 @@ kernels::MdcDtype mdc_dtype(at::ScalarType t) {
   }
 }
 
-void check_cuda_args(const at::Tensor& input) {
-  TORCH_CHECK(cuda_host::on_kernel_device(input), kOp, ": expected CUDA tensors, got ",
+void check_cuda_args(const char* op, const at::Tensor& input) {
+  TORCH_CHECK(cuda_host::on_kernel_device(input), op, ": expected CUDA tensors, got ",
               input.device());
-  check_dtype_in(input, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, kOp, "input");
+  check_dtype_in(input, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, op, "input");
 }
 
 kernels::MdcShape to_shape(const DeformConvGeometry& g) {
@@ -120,7 +120,7 @@ at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& offset,
                         c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   const DeformConvGeometry g = check_modulated_deform_conv_args(
       kOp, input, offset, weight, bias, mask, stride, padding, dilation);
-  check_cuda_args(input);
+  check_cuda_args(kOp, input);
   const cuda_host::DeviceGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const bool out_cl = prefers_channels_last(input);
@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const char* op = "modulated_deform_conv2d_backward";
   const DeformConvGeometry g = check_modulated_deform_conv_args(
       op, input, offset, weight, c10::nullopt, mask, stride, padding, dilation);
-  check_cuda_args(input);
+  check_cuda_args(op, input);
   const GradRequest want =
       check_modulated_deform_conv_backward_args(op, g, grad_output, input, mask, output_mask);
   deterministic = deterministic || at::globalContext().deterministicAlgorithms();
@@ -270,10 +270,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         }
         check_launch(kernels::launch_mdc_backward_samples(
             dtype, shape, in, tile, grad_columns.data_ptr(), outs,
-            /*atomic_input_grad=*/!deterministic, stream), kOp);
+            /*atomic_input_grad=*/!deterministic, stream), op);
       } else {
         check_launch(kernels::launch_mdc_gather_columns(dtype, shape, in, tile,
-                                                          columns.data_ptr(), stream), kOp);
+                                                          columns.data_ptr(), stream), op);
       }
       if (want.input && deterministic) {
         const int64_t entries = kernels::mdc_entry_count(shape, tile);
@@ -282,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         at::Tensor weights = at::empty({entries}, opts.dtype(acc_type));
         check_launch(kernels::launch_mdc_scatter_keys(dtype, shape, in, tile,
                                                         keys.data_ptr<int64_t>(),
-                                                        weights.data_ptr(), stream), kOp);
+                                                        weights.data_ptr(), stream), op);
         // Stable: equal keys keep entry order, so every sum below has a fixed order.
         // (std::optional spelled out: a plain `true` would select sort(self, dim, descending).)
         auto [sorted_keys, permutation] =
@@ -290,10 +290,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         at::Tensor starts = at::empty({key_count + 1}, opts.dtype(at::kLong));
         check_launch(kernels::launch_mdc_segment_starts(sorted_keys.data_ptr<int64_t>(),
                                                           entries, key_count,
-                                                          starts.data_ptr<int64_t>(), stream), kOp);
+                                                          starts.data_ptr<int64_t>(), stream), op);
         check_launch(kernels::launch_mdc_gather_input_grad(
             dtype, shape, tile, starts.data_ptr<int64_t>(), permutation.data_ptr<int64_t>(),
-            weights.data_ptr(), grad_columns.data_ptr(), outs.grad_input_acc, stream), kOp);
+            weights.data_ptr(), grad_columns.data_ptr(), outs.grad_input_acc, stream), op);
       }
       if (want.weight) {
         const at::Tensor col4 =
