@@ -303,6 +303,8 @@ def detect(data, path: Path) -> tuple[str, Callable] | None:
         return "measurement", None  # e.g. a training curve: no op against a reference
     if set(data) == {"meta", "results"} and "command" in data["meta"]:
         return "evaluation", None  # `facedeblur eval` tables: quality, not speed
+    if {"checkpoint", "faces", "rows"} <= set(data):
+        return "demo", None  # `facedeblur demo` metrics: quality, not speed
     if "benchmarks" in data and "machine_info" in data:
         return "pytest-benchmark", _pytest_benchmark
     bench = str(data.get("benchmark", ""))
@@ -351,7 +353,12 @@ def collect(results_dir: Path) -> tuple[list[Row], list[str], list[str]]:
             continue
         family, adapter = found
         if adapter is None:
-            what = data.get("measurement") or f"facedeblur eval: {data['meta']['command']}"
+            if family == "evaluation":
+                what = f"facedeblur eval: {data['meta']['command']}"
+            elif family == "demo":
+                what = f"facedeblur demo with {data['checkpoint']}"
+            else:
+                what = data["measurement"]
             skipped.append(f"{rel}: a measurement ({what}), not a comparison")
             continue
         produced = adapter(data, path)
