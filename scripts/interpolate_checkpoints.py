@@ -7,17 +7,17 @@ Usage: python scripts/interpolate_checkpoints.py BASE.pt FINE_TUNED.pt ALPHA OUT
 """
 import sys
 
-import torch
+from facedeblur_ext.training.checkpoint import atomic_torch_save, load_checkpoint
 
 base_path, tuned_path, alpha, out_path = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
-base = torch.load(base_path, map_location="cpu", weights_only=False)
-tuned = torch.load(tuned_path, map_location="cpu", weights_only=False)
+base, tuned = load_checkpoint(base_path), load_checkpoint(tuned_path)
 gb, gt = base["models"]["generator"], tuned["models"]["generator"]
-assert gb.keys() == gt.keys()
+if gb.keys() != gt.keys():
+    sys.exit(f"{base_path} and {tuned_path} hold different generators (parameter names differ)")
 mixed = {k: (alpha * gt[k].float() + (1 - alpha) * gb[k].float()).to(gt[k].dtype)
          if gt[k].is_floating_point() else gt[k] for k in gt}
 tuned["models"]["generator"] = mixed
 tuned.setdefault("info", {})["weight_interpolation"] = {
     "alpha": alpha, "base": base_path, "fine_tuned": tuned_path}
-torch.save(tuned, out_path)
+atomic_torch_save(tuned, out_path)
 print("wrote", out_path)
