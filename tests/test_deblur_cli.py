@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -338,3 +340,26 @@ def test_the_deblur_commands_do_not_import_each_other():
                  if isinstance(node, ast.Import) for alias in node.names}
     assert "facedeblur_ext.commands.deblur" not in imported
     assert "facedeblur_ext.commands.deblur_common" in imported
+
+
+@pytest.mark.parametrize("python_stream_on_descriptor_2", [False, True])
+def test_native_stderr_hidden_hides_only_descriptor_2_and_shows_it_on_error(
+        capfd, monkeypatch, python_stream_on_descriptor_2):
+    from facedeblur_ext.commands.deblur_common import native_stderr_hidden
+
+    if python_stream_on_descriptor_2:  # as in a terminal: sys.stderr writes to descriptor 2
+        monkeypatch.setattr(sys, "stderr", open(2, "w", closefd=False))
+    with native_stderr_hidden():
+        os.write(2, b"native noise\n")
+        print("python warning", file=sys.stderr)
+    with pytest.raises(RuntimeError, match="boom"), native_stderr_hidden():
+        os.write(2, b"native error\n")
+        raise RuntimeError("boom")
+    with native_stderr_hidden(verbose=True):
+        os.write(2, b"verbose native\n")
+    os.write(2, b"after\n")
+    sys.stderr.flush()
+    err = capfd.readouterr().err
+    assert "native noise" not in err
+    assert "python warning" in err
+    assert "native error" in err and "verbose native" in err and "after" in err

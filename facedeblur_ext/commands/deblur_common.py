@@ -184,22 +184,45 @@ def native_stderr_hidden(verbose: bool = False):
     """Hide what native libraries (MediaPipe, TFLite, absl, glog) print on file descriptor 2
     while the block runs; with ``verbose`` let it through.
 
-    Those libraries write to the descriptor directly, around Python's ``sys.stderr``, so the
-    descriptor is pointed at a temporary file and restored afterwards; what the block itself
-    writes to ``sys.stderr`` is dropped with it, so keep the block to the library calls.
+    Those libraries write to the descriptor directly, around Python's ``sys.stderr``, and some
+    of them from their own threads, after the call that started them has returned; so the
+    descriptor points at a temporary file for the whole block. Python's own output (warnings,
+    progress bars made inside the block) still shows: a ``sys.stderr`` on descriptor 2 is
+    replaced, for the block, by a stream on where the descriptor pointed before. If the block
+    raises, what the libraries wrote is shown after all.
     """
     if verbose:
         yield
         return
-    sys.stderr.flush()
-    saved = os.dup(2)
     try:
-        with tempfile.TemporaryFile() as sink:
+        python_on_descriptor_2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # e.g. a capturing stream with no descriptor
+        python_on_descriptor_2 = False
+    sys.stderr.flush()
+    python_stderr = sys.stderr
+    saved = os.dup(2)
+    visible = None
+    failed = False
+    with tempfile.TemporaryFile() as sink:
+        try:
+            if python_on_descriptor_2:
+                visible = os.fdopen(os.dup(saved), "w", buffering=1, errors="backslashreplace")
             os.dup2(sink.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-    finally:
-        os.close(saved)
+            if visible is not None:
+                sys.stderr = visible
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stderr = python_stderr
+            os.dup2(saved, 2)
+            os.close(saved)
+            if visible is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    visible.close()
+            if failed:
+                with contextlib.suppress(OSError, ValueError):
+                    sink.seek(0)
+                    sys.stderr.flush()
+                    os.write(2, sink.read())

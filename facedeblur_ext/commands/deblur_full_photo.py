@@ -81,37 +81,36 @@ def run(args: argparse.Namespace, inputs: list[Path], names: list[str], device) 
         size += method.multiple - size % method.multiple
     with native_stderr_hidden(args.verbose):
         analyzer = FaceAnalyzer(warn=False)
-    out_dir = Path(args.output)
-    failures: list[Path] = []
-    written = total = 0
-    for path, name, photo in readable_images(inputs, names, failures, desc="deblur photos"):
-        with native_stderr_hidden(args.verbose):
+        out_dir = Path(args.output)
+        failures: list[Path] = []
+        written = total = 0
+        for path, name, photo in readable_images(inputs, names, failures, desc="deblur photos"):
             faces = detect_photo_faces(photo, analyzer, min_score=args.min_face_score)
-        if not faces:
-            print(f"{path.name}: no face found; written unchanged")
-        with progress_bar(total=len(faces), desc=f"{path.name} faces", unit="face",
-                          leave=False) as bar:
-            restored = photo
-            for face in faces:  # one at a time: a bar step per face, and one over its tiles
-                tiles: dict = {}
+            if not faces:
+                print(f"{path.name}: no face found; written unchanged")
+            with progress_bar(total=len(faces), desc=f"{path.name} faces", unit="face",
+                              leave=False) as bar:
+                restored = photo
+                for face in faces:  # one at a time: a bar step per face, and one over its tiles
+                    tiles: dict = {}
 
-                def tile_done(done, total, tiles=tiles):
-                    if "bar" not in tiles:
-                        tiles["bar"] = progress_bar(total=total, desc="tiles", unit="tile",
-                                                    leave=False)
-                    tiles["bar"].update(done - tiles["bar"].n)
+                    def tile_done(done, total, tiles=tiles):
+                        if "bar" not in tiles:
+                            tiles["bar"] = progress_bar(total=total, desc="tiles", unit="tile",
+                                                        leave=False)
+                        tiles["bar"].update(done - tiles["bar"].n)
 
-                restored, _ = restore_photo(restored, restore, size=size,
-                                            margin=args.face_margin, feather=args.feather,
-                                            faces=[face], device=device, tile=args.tile,
-                                            overlap=args.tile_overlap,
-                                            detail=not args.no_detail_fusion,
-                                            progress=tile_done)
-                if "bar" in tiles:
-                    tiles["bar"].close()
-                bar.update()
-        total += len(faces)
-        save_png(restored, out_dir / f"{name}.png")
-        written += 1
+                    restored, _ = restore_photo(restored, restore, size=size,
+                                                margin=args.face_margin, feather=args.feather,
+                                                faces=[face], device=device, tile=args.tile,
+                                                overlap=args.tile_overlap,
+                                                detail=not args.no_detail_fusion,
+                                                progress=tile_done)
+                    if "bar" in tiles:
+                        tiles["bar"].close()
+                    bar.update()
+            total += len(faces)
+            save_png(restored, out_dir / f"{name}.png")
+            written += 1
     return finish(f"wrote {written} photo(s) with {total} restored face(s) to {out_dir}",
                   failures, len(inputs))
