@@ -137,9 +137,9 @@ def tiled_vs_whole_on_a_512_px_face(generator) -> tuple[float, float]:
 
 
 def test_tiled_cfmd_matches_the_whole_image_on_a_512_px_face():
-    """The README's bound: the CFMD-GAN generator in tiles of 256 (overlap 64) against the
-    whole 512 px face differs by less than 1/255 (a small random generator here, whose channel
-    attention barely depends on the tile; the bundled model: below)."""
+    """The blending itself: a small random CFMD-GAN generator (whose channel attention barely
+    depends on the tile) in tiles of 256 (overlap 64) against the whole 512 px face differs by
+    less than 1/255. The bundled model, whose attention does depend on it: below."""
     import torch
 
     from facedeblur_ext.models.cfmd import CFMDGenerator
