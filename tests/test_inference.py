@@ -154,7 +154,7 @@ def test_tiled_cfmd_matches_the_whole_image_on_a_512_px_face():
 def test_tiled_bundled_model_matches_the_whole_image_on_a_512_px_face():
     """The README's figures for the shipped model (minutes on a CPU). Tiles cannot be exact for
     it: every ContAda block's channel attention averages its features over the whole input, and
-    the deformable convolutions reach past the 32 px of context a 64 px overlap gives. Measured
+    the receptive field reaches past the 32 px of context a 64 px overlap gives. Measured
     with the stage-E default: at most 3.6/255, 0.13/255 on average (the still-face default:
     0.28/255 and 0.008/255)."""
     from facedeblur_ext.commands import BUNDLED_CHECKPOINTS

@@ -189,7 +189,7 @@ def native_stderr_hidden(verbose: bool = False):
     descriptor points at a temporary file for the whole block. Python's own output (warnings,
     progress bars made inside the block) still shows: a ``sys.stderr`` on descriptor 2 is
     replaced, for the block, by a stream on where the descriptor pointed before. If the block
-    raises, what the libraries wrote is shown after all.
+    raises an error, what the libraries wrote is shown after all.
     """
     if verbose:
         yield
@@ -211,7 +211,7 @@ def native_stderr_hidden(verbose: bool = False):
             if visible is not None:
                 sys.stderr = visible
             yield
-        except BaseException:
+        except Exception:  # not on Ctrl-C: an interrupt needs no library logs
             failed = True
             raise
         finally:
