@@ -19,6 +19,7 @@ With no checkpoint: the bundled default. Minutes on a 2-core CPU per checkpoint.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -104,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for path in checkpoints:
         start = time.perf_counter()
+        # The hash names the weights: a path such as the bundled file's changes contents.
         rows.append({"checkpoint": str(path),
+                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
                      **measure(load_generator(path), face, args.overlaps)})
         print(json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     result = {

@@ -152,7 +152,8 @@ def test_tiled_cfmd_matches_the_whole_image_on_a_512_px_face():
 def test_tile_consistency_script_writes_every_measurement(tmp_path):
     """The script behind the README's tile figures, on a small random generator saved as a
     checkpoint: one row per overlap plus the frozen-attention row, and no hook left behind
-    (the generator restores as before)."""
+    (the generator restores as before); each row names its weights by hash."""
+    import hashlib
     import json
 
     import torch
@@ -170,6 +171,7 @@ def test_tile_consistency_script_writes_every_measurement(tmp_path):
     assert script.main([str(checkpoint), "--overlaps", "64", "96", "--threads", "1",
                         "-o", str(output)]) == 0
     row, = json.loads(output.read_text())["rows"]
+    assert row["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert row["attention_blocks"] == 6 and set(row["overlaps"]) == {"64", "96"}
     for gap in [*row["overlaps"].values(), row["attention_frozen"]]:
         assert 0 < gap["mean_255"] <= gap["max_255"] < 1
