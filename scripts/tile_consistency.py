@@ -44,6 +44,12 @@ def difference(tiled: torch.Tensor, whole: torch.Tensor) -> dict[str, float]:
             "above_1_of_255": int((gap > 1).sum())}
 
 
+def file_sha256(path: Path) -> str:
+    """The hash that names a checkpoint's weights (a path such as the bundled file's changes
+    contents)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def bundled_face(size: int = SIZE) -> torch.Tensor:
     """The bundled test face as a (1, 3, size, size) float tensor in [0, 1]."""
     face = torch.from_numpy(load_rgb(FACE).copy()).permute(2, 0, 1)[None].float() / 255
@@ -105,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for path in checkpoints:
         start = time.perf_counter()
-        # The hash names the weights: a path such as the bundled file's changes contents.
-        rows.append({"checkpoint": str(path),
-                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        rows.append({"checkpoint": str(path), "sha256": file_sha256(path),
                      **measure(load_generator(path), face, args.overlaps)})
         print(json.dumps(rows[-1]), f"({time.perf_counter() - start:.0f} s)", file=sys.stderr)
     result = {

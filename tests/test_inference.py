@@ -196,15 +196,13 @@ def test_tiled_bundled_model_reproduces_the_committed_tile_measurement():
     very weights (``benchmarks/results/tile_consistency.json``, found by the file's sha256:
     rerun ``scripts/tile_consistency.py`` when the checkpoint changes) and to a mean below
     1/255, where a misplaced or badly blended tile would show."""
-    import hashlib
     import json
-    from pathlib import Path
 
     from facedeblur_ext.commands import BUNDLED_CHECKPOINTS
     from facedeblur_ext.models.cfmd import load_generator
 
-    checkpoint = Path(BUNDLED_CHECKPOINTS["cfmd"])
-    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    checkpoint = BUNDLED_CHECKPOINTS["cfmd"]
+    digest = tile_consistency().file_sha256(checkpoint)
     committed = json.loads(
         (REPO_ROOT / "benchmarks" / "results" / "tile_consistency.json").read_text())
     rows = [row for row in committed["rows"] if row.get("sha256") == digest]
