@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,13 +187,13 @@ def _to_tensor(image: np.ndarray, device) -> Tensor:
 
 
 def _run_model(restore: Callable[[Tensor], Tensor], crop: np.ndarray, device, tile: int,
-               overlap: int, progress) -> np.ndarray:
+               overlap: int, global_pools, progress) -> np.ndarray:
     """``restore`` on a float [0, 255] crop, tiled; the result as float [0, 255]."""
     from facedeblur_ext.inference import restore_tiled
 
     with torch.no_grad():
         restored = restore_tiled(restore, _to_tensor(crop, device), tile=tile, overlap=overlap,
-                                 progress=progress)
+                                 global_pools=global_pools, progress=progress)
     return restored[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0
 
 
@@ -213,6 +213,7 @@ def restore_photo(photo: np.ndarray, restore: Callable[[Tensor], Tensor], *,
                   faces: list[PhotoFace] | None = None, min_score: float = 0.5,
                   device: torch.device | str = "cpu", tile: int | None = None,
                   overlap: int | None = None, detail: bool = True,
+                  global_pools: Sequence[torch.nn.Module] = (),
                   progress: Callable[[int, int], None] | None = None
                   ) -> tuple[np.ndarray, list[PhotoFace]]:
     """Deblur every face of ``photo`` and paste it back (module docstring).
@@ -233,7 +234,11 @@ def restore_photo(photo: np.ndarray, restore: Callable[[Tensor], Tensor], *,
             :func:`~facedeblur_ext.inference.restore_tiled`).
         detail: fuse with the input so that no band loses detail (:func:`keep_detail`);
             False pastes the model's crop as it is.
-        progress: called as ``progress(done, total)`` with the tiles of the current face.
+        global_pools: the global average pools of ``restore``'s model, given their
+            whole-image values when the crop is tiled
+            (:func:`~facedeblur_ext.inference.restore_tiled`).
+        progress: called as ``progress(done, total)`` with the model runs over the tiles of
+            the current face.
 
     Returns:
         The restored photo (uint8; pixels outside every face's mask are the input's) and the
@@ -244,7 +249,7 @@ def restore_photo(photo: np.ndarray, restore: Callable[[Tensor], Tensor], *,
     """
     import cv2
 
-    from facedeblur_ext.inference import DEFAULT_TILE, DEFAULT_TILE_OVERLAP, tile_layout
+    from facedeblur_ext.inference import DEFAULT_TILE, DEFAULT_TILE_OVERLAP
 
     if photo.dtype != np.uint8 or photo.ndim != 3 or photo.shape[2] != 3:
         raise ValueError(f"photo must be [H, W, 3] uint8 RGB, got {photo.dtype} "
@@ -276,13 +281,12 @@ def restore_photo(photo: np.ndarray, restore: Callable[[Tensor], Tensor], *,
         crop = cv2.warpAffine(region, local, (native, native), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REFLECT_101).astype(np.float32)
         working = native if size is None else min(size, native)
-        total = len(tile_layout(working, tile, overlap)) ** 2
-        step = None if progress is None else (lambda done, total=total: progress(done, total))
         if working == native:
-            restored = _run_model(restore, crop, device, tile, overlap, step)
+            restored = _run_model(restore, crop, device, tile, overlap, global_pools, progress)
         else:
             small = cv2.resize(crop, (working, working), interpolation=cv2.INTER_AREA)
-            change = _run_model(restore, small, device, tile, overlap, step) - small
+            change = _run_model(restore, small, device, tile, overlap, global_pools,
+                                progress) - small
             restored = crop + cv2.resize(change, (native, native), interpolation=cv2.INTER_CUBIC)
         if detail:
             restored = keep_detail(restored, crop)

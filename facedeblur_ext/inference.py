@@ -14,23 +14,26 @@ A checkpoint without it (e.g. one trained on still faces, whose single target si
 :func:`moment_controls` turns a frame count into the ``u`` values to restore.
 
 **Tiles.** :func:`restore_tiled` runs a model on overlapping tiles and blends them with raised
-cosine weights, so that peak memory depends on the tile size, not on the image.
+cosine weights, so that peak memory depends on the tile size, not on the image. A model's
+global average pools (CFMD-GAN's channel attention) get their whole-image values from a first
+pass over the tiles.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["DEFAULT_TILE", "DEFAULT_TILE_OVERLAP", "TILE_ALIGN", "InferenceSettings",
-           "check_tiles", "default_frames", "inference_settings", "inference_threads",
-           "moment_controls", "read_inference_settings", "restore_tiled", "tile_layout"]
+           "check_tiles", "default_frames", "global_average_pools", "inference_settings",
+           "inference_threads", "moment_controls", "read_inference_settings", "restore_tiled",
+           "tile_layout"]
 
 #: Tile side and overlap of :func:`restore_tiled` (pixels). The overlap is the context a tile
 #: edge sees and the width of the blend; see the README for the tiled-vs-whole difference.
@@ -205,9 +208,22 @@ def check_tiles(tile: int, overlap: int) -> None:
                          f"{overlap}")
 
 
+def global_average_pools(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that average their input over all pixels
+    (``nn.AdaptiveAvgPool2d(1)``, e.g. the channel attention of every ContAda block), for
+    :func:`restore_tiled`'s ``global_pools``."""
+    return [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)
+            and tuple(_pair(m.output_size)) == (1, 1)]
+
+
+def _pair(size) -> tuple:
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
 def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
                   tile: int = DEFAULT_TILE, overlap: int = DEFAULT_TILE_OVERLAP,
-                  progress: Callable[[int], None] | None = None) -> Tensor:
+                  global_pools: Sequence[nn.Module] = (),
+                  progress: Callable[[int, int], None] | None = None) -> Tensor:
     """``restore(image)`` computed on overlapping tiles and blended.
 
     An image that fits in one tile is restored whole. Otherwise each tile (at most ``tile``
@@ -215,12 +231,26 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
     are mixed with raised cosine weights that fall to 0 at a tile's inner edges (where it
     lacked context) and stay 1 at the image border.
 
+    A tile alone gets a global average pool wrong: it averages the tile, not the image. With
+    ``global_pools`` a first pass over the tiles measures each pool's whole-image value (every
+    tile's pool input weighted by the tile's share of the blend, resampled to the pool's
+    resolution: the shares of all tiles sum to 1 at every pixel), and the pass that is blended
+    uses those values. That doubles the work and keeps memory at one tile plus a vector per
+    pool. Not exact: in the first pass a later pool sees features made with tile-local values
+    of the pools before it, and every tile still lacks the context past its overlap (see the
+    README's tile figures, ``scripts/tile_consistency.py``).
+
     Args:
         restore: maps [1, C, h, w] to the restored [1, C, h, w] (any h, w up to ``tile``).
         image: [1, C, H, W].
         tile: tile side in pixels.
         overlap: pixels shared by neighbouring tiles (at most half the tile).
-        progress: called with the number of tiles done after each one.
+        global_pools: modules inside ``restore``'s model, each run once per call of
+            ``restore``, that average their input [1, C', h', w'] to [1, C', 1, 1]
+            (:func:`global_average_pools`); their outputs are replaced while tiling (forward
+            hooks, removed on return).
+        progress: called as ``progress(done, total)`` after each model run, ``total`` counting
+            the runs of both passes.
 
     Returns:
         [1, C, H, W] float32 on ``image``'s device.
@@ -235,25 +265,71 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
     if height <= tile and width <= tile:
         out = restore(image).float()
         if progress is not None:
-            progress(1)
+            progress(1, 1)
         return out
-    rows, columns = tile_layout(height, tile, overlap), tile_layout(width, tile, overlap)
-    out = torch.zeros(image.shape, dtype=torch.float32, device=image.device)
+    tiles = _tile_weights(height, width, tile, overlap, image.device)
     weight_sum = torch.zeros((height, width), dtype=torch.float32, device=image.device)
+    for (y0, y1, x0, x1), weight in tiles:
+        weight_sum[y0:y1, x0:x1] += weight
+    total = len(tiles) * (2 if global_pools else 1)
     done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    whole_means: dict[nn.Module, Tensor] = {}
+    collecting: dict = {}
+
+    def pool_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        if collecting:
+            features = args[0]
+            share = torch.nn.functional.interpolate(
+                collecting["share"][None, None].to(features.dtype), size=features.shape[-2:],
+                mode="area")
+            # The tile's share at this resolution, over the whole image's pixel count there.
+            scale = (collecting["share"].numel() / (height * width)
+                     / (features.shape[-2] * features.shape[-1]))
+            part = (features * share).sum(dim=(-2, -1), keepdim=True) * scale
+            sums = collecting["sums"]
+            sums[module] = part if module not in sums else sums[module] + part
+        return whole_means.get(module, output)
+
+    hooks = [pool.register_forward_hook(pool_hook) for pool in global_pools]
+    try:
+        if global_pools:
+            collecting["sums"] = {}
+            for (y0, y1, x0, x1), weight in tiles:
+                collecting["share"] = weight / weight_sum[y0:y1, x0:x1]
+                restore(image[..., y0:y1, x0:x1])
+                step()
+            whole_means.update(collecting["sums"])
+            collecting.clear()
+        out = torch.zeros(image.shape, dtype=torch.float32, device=image.device)
+        for (y0, y1, x0, x1), weight in tiles:
+            out[..., y0:y1, x0:x1] += restore(image[..., y0:y1, x0:x1]).float() * weight
+            step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out.div_(weight_sum)
+
+
+def _tile_weights(height: int, width: int, tile: int, overlap: int, device
+                  ) -> list[tuple[tuple[int, int, int, int], Tensor]]:
+    """Each tile's span ``(y0, y1, x0, x1)`` and blend weights [y1 - y0, x1 - x0]."""
+    rows, columns = tile_layout(height, tile, overlap), tile_layout(width, tile, overlap)
+    tiles = []
     for iy, (y0, y1) in enumerate(rows):
         # Ramps span the pixels actually shared with the neighbour on that side.
         top = rows[iy - 1][1] - y0 if iy else 0
         bottom = y1 - rows[iy + 1][0] if iy + 1 < len(rows) else 0
-        row_ramp = _blend_ramp(y1 - y0, top, bottom, image.device)
+        row_ramp = _blend_ramp(y1 - y0, top, bottom, device)
         for ix, (x0, x1) in enumerate(columns):
             left = columns[ix - 1][1] - x0 if ix else 0
             right = x1 - columns[ix + 1][0] if ix + 1 < len(columns) else 0
-            weight = row_ramp[:, None] * _blend_ramp(x1 - x0, left, right, image.device)[None]
-            restored = restore(image[..., y0:y1, x0:x1]).float()
-            out[..., y0:y1, x0:x1] += restored * weight
-            weight_sum[y0:y1, x0:x1] += weight
-            done += 1
-            if progress is not None:
-                progress(done)
-    return out.div_(weight_sum)
+            weight = row_ramp[:, None] * _blend_ramp(x1 - x0, left, right, device)[None]
+            tiles.append(((y0, y1, x0, x1), weight))
+    return tiles

@@ -123,7 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     from facedeblur_ext.data import FaceAnalyzer, load_rgb
     from facedeblur_ext.data.io import list_images
     from facedeblur_ext.full_photo import detect_photo_faces, restore_photo
-    from facedeblur_ext.inference import inference_threads, read_inference_settings
+    from facedeblur_ext.inference import (
+        global_average_pools,
+        inference_threads,
+        read_inference_settings,
+    )
     from facedeblur_ext.models.cfmd import load_generator
 
     methods = {
@@ -143,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def model(crop):
         return generator.restore(crop, u_centre)
+
+    pools = global_average_pools(generator)  # as deblur --full-photo
 
     with native_stderr_hidden():
         analyzer = FaceAnalyzer(warn=False)
@@ -170,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                    "psnr": {"input": psnr(blurry[box], sharp[box])}, "seconds": {}}
             for name, options in methods.items():
                 started = time.perf_counter()
-                out, _ = restore_photo(blurry, model, faces=faces, **options)
+                out, _ = restore_photo(blurry, model, faces=faces, global_pools=pools,
+                                       **options)
                 row["seconds"][name] = round(time.perf_counter() - started, 1)
                 row["psnr"][name] = psnr(out[box], sharp[box])
             row["load"] = round(os.getloadavg()[0], 1)

@@ -2,11 +2,14 @@
 """How far CFMD-GAN in tiles is from CFMD-GAN on the whole image (the README's tile figures).
 
 The bundled test face (``facedeblur_ext/assets/faces/celeba_201418.png``) is brought to 512 px
-(bicubic) and restored at u = 0.5 once whole and once by ``restore_tiled`` in tiles of 256, for
-each checkpoint and each overlap. A last variant per checkpoint freezes every ContAda block's
-channel attention at its whole-image value before tiling: what remains then comes from the
-receptive field alone, since the attention's global average pool is the network's only other
-non-local part. Differences are absolute, in grey levels of 255, over all pixels and channels.
+(bicubic) and restored at u = 0.5 once whole and by ``restore_tiled`` in tiles of 256, for
+each checkpoint and each overlap: plain tiles (``overlaps``), and tiles whose global average
+pools (every ContAda block's channel attention) take the whole-image values measured in a first
+pass over the tiles (``shared_pools``: what ``facedeblur deblur`` runs). A last variant per
+checkpoint freezes every block's attention at its exact whole-image value before tiling: what
+remains then comes from the receptive field alone, since the attention's global average pool is
+the network's only other non-local part. Differences are absolute, in grey levels of 255, over
+all pixels and channels.
 
 Usage::
 
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 
 from facedeblur_ext.data import load_rgb
-from facedeblur_ext.inference import restore_tiled
+from facedeblur_ext.inference import global_average_pools, restore_tiled
 from facedeblur_ext.models.cfmd import load_generator
 from facedeblur_ext.nn.control_adaptive import ControlAdaptiveBlock
 
@@ -58,8 +61,9 @@ def bundled_face(size: int = SIZE) -> torch.Tensor:
 
 def measure(generator: torch.nn.Module, face: torch.Tensor, overlaps: list[int],
             freeze_attention: bool = True) -> dict:
-    """Tiles of ``TILE`` at each overlap vs the whole ``face``, and with ``freeze_attention``
-    the first overlap again with every block's attention at its whole-image value."""
+    """Tiles of ``TILE`` at each overlap vs the whole ``face``, plain and with the global pools
+    shared, and with ``freeze_attention`` the first overlap again with every block's attention
+    at its exact whole-image value."""
 
     def restore(x: torch.Tensor) -> torch.Tensor:
         return generator.restore(x, U)
@@ -72,11 +76,14 @@ def measure(generator: torch.nn.Module, face: torch.Tensor, overlaps: list[int],
         whole = restore(face)
     for hook in hooks:
         hook.remove()
-    row = {"attention_blocks": len(attentions), "overlaps": {}}
+    row = {"attention_blocks": len(attentions), "overlaps": {}, "shared_pools": {}}
+    pools = global_average_pools(generator)
     with torch.no_grad():
         for overlap in overlaps:
             tiled = restore_tiled(restore, face, tile=TILE, overlap=overlap)
             row["overlaps"][str(overlap)] = difference(tiled, whole)
+            tiled = restore_tiled(restore, face, tile=TILE, overlap=overlap, global_pools=pools)
+            row["shared_pools"][str(overlap)] = difference(tiled, whole)
         if not freeze_attention:
             return row
         # A forward hook's return value replaces the module's output: each tile gets the

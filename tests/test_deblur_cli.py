@@ -23,8 +23,9 @@ FACES = REPO_ROOT / "facedeblur_ext" / "assets" / "faces"
 FACE = FACES / "celeba_201418.png"
 
 
-class _IdentityGenerator:
-    """CFMD-GAN's ``restore`` interface, returning its input."""
+class _IdentityGenerator(torch.nn.Module):
+    """CFMD-GAN's ``restore`` interface, returning its input (a module, as the tiler looks
+    for its global pools)."""
 
     def restore(self, blurry, u):
         return blurry.clamp(0, 1)
@@ -211,6 +212,7 @@ class _CountingGenerator(_IdentityGenerator):
     KeyboardInterrupt on call ``interrupt_at`` (a user's Ctrl-C)."""
 
     def __init__(self, interrupt_at=None):
+        super().__init__()
         self.calls, self.interrupt_at = [], interrupt_at
 
     def restore(self, blurry, u):

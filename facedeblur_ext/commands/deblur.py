@@ -198,17 +198,28 @@ def run(args: argparse.Namespace) -> int:
     return _run_moments(args, inputs, names, out_dir, device, controls)
 
 
-def _tiled(args: argparse.Namespace, restore):
-    """``restore`` over tiles of ``--tile`` pixels, with a progress bar when there are several."""
-    from facedeblur_ext.inference import restore_tiled, tile_layout
+def _tiled(args: argparse.Namespace, restore, model):
+    """``restore`` over tiles of ``--tile`` pixels, ``model``'s global pools at their
+    whole-image values, with a progress bar when there are several tiles."""
+    from facedeblur_ext.inference import global_average_pools, restore_tiled
+
+    pools = global_average_pools(model)
 
     def run_tiles(batch):
-        height, width = batch.shape[-2:]
-        total = (len(tile_layout(height, args.tile, args.tile_overlap))
-                 * len(tile_layout(width, args.tile, args.tile_overlap)))
-        with progress_bar(total=total, desc="tiles", unit="tile", leave=False) as bar:
+        bar = None
+
+        def step(done, total):
+            nonlocal bar
+            if bar is None:
+                bar = progress_bar(total=total, desc="tiles", unit="tile", leave=False)
+            bar.update(done - bar.n)
+
+        try:
             return restore_tiled(restore, batch, tile=args.tile, overlap=args.tile_overlap,
-                                 progress=lambda done: bar.update(done - bar.n))
+                                 global_pools=pools, progress=step)
+        finally:
+            if bar is not None:
+                bar.close()
 
     return run_tiles
 
@@ -229,7 +240,7 @@ def _run_moments(args, inputs: list[Path], names: list[str], out_dir: Path, devi
         for _path, name, image in readable_images(inputs, names, failures, desc="deblur"):
             blurry = _to_batch(image, device)
             if len(controls) == 1:
-                restore = _tiled(args, lambda x: generator.restore(x, controls[0]))
+                restore = _tiled(args, lambda x: generator.restore(x, controls[0]), generator)
                 save_png(_to_uint8(restore(blurry)[0]), out_dir / f"{name}.png")
                 written += 1
                 continue
@@ -239,7 +250,7 @@ def _run_moments(args, inputs: list[Path], names: list[str], out_dir: Path, devi
                               leave=False) as bar:
                 for u, frame_path in zip(controls, frame_paths):
                     if args.redo or not frame_path.exists():
-                        restore = _tiled(args, lambda x, u=u: generator.restore(x, u))
+                        restore = _tiled(args, lambda x, u=u: generator.restore(x, u), generator)
                         save_png(_to_uint8(restore(blurry)[0]), frame_path)
                     bar.update()
             # Frames of an earlier run with another --frames would mix with this sweep.
@@ -281,7 +292,7 @@ def _run_single_output(args, inputs: list[Path], names: list[str], out_dir: Path
                 save_png(_to_uint8(colorize_regions(parsing)[0]),
                          out_dir / f"{name}_parsing.png")
             else:
-                restored = _tiled(args, model.restore)(blurry)
+                restored = _tiled(args, model.restore, model)(blurry)
             save_png(_to_uint8(restored[0]), out_dir / f"{name}.png")
             written += 1
     return finish(f"wrote {written} image(s) to {out_dir}", failures, len(inputs))

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace, inputs: list[Path], names: list[str], device) 
     from facedeblur_ext.data import FaceAnalyzer
     from facedeblur_ext.evaluation.methods import load_model
     from facedeblur_ext.full_photo import detect_photo_faces, restore_photo
-    from facedeblur_ext.inference import read_inference_settings
+    from facedeblur_ext.inference import global_average_pools, read_inference_settings
     from facedeblur_ext.nn import resolve_backend
 
     method = load_model(args.model, args.checkpoint, device, resolve_backend(args.backend),
@@ -75,6 +75,8 @@ def run(args: argparse.Namespace, inputs: list[Path], names: list[str], device) 
 
     def restore(crop):
         return method(crop, u=u_centre)
+
+    pools = global_average_pools(method.model)
 
     size = args.face_size
     if size is not None and method.multiple > 1 and size % method.multiple:
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace, inputs: list[Path], names: list[str], device) 
                                                 faces=[face], device=device, tile=args.tile,
                                                 overlap=args.tile_overlap,
                                                 detail=not args.no_detail_fusion,
-                                                progress=tile_done)
+                                                global_pools=pools, progress=tile_done)
                     if "bar" in tiles:
                         tiles["bar"].close()
                     bar.update()
