@@ -248,7 +248,7 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
         global_pools: modules inside ``restore``'s model, each run once per call of
             ``restore``, that average their input [1, C', h', w'] to [1, C', 1, 1]
             (:func:`global_average_pools`); their outputs are replaced while tiling (forward
-            hooks, removed on return).
+            hooks, removed on return: no other call may use the model meanwhile).
         progress: called as ``progress(done, total)`` after each model run, ``total`` counting
             the runs of both passes.
 
@@ -256,7 +256,8 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
         [1, C, H, W] float32 on ``image``'s device.
 
     Raises:
-        ValueError: ``image`` is not one image, or ``tile``/``overlap`` are out of range.
+        ValueError: ``image`` is not one image, ``tile``/``overlap`` are out of range, or a
+            global pool did not run exactly once in a call of ``restore``.
     """
     if image.dim() != 4 or image.shape[0] != 1:
         raise ValueError(f"restore_tiled takes one image [1, C, H, W], got {list(image.shape)}")
@@ -267,11 +268,12 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
         if progress is not None:
             progress(1, 1)
         return out
-    tiles = _tile_weights(height, width, tile, overlap, image.device)
+    tiles = _tile_ramps(height, width, tile, overlap, image.device)
     weight_sum = torch.zeros((height, width), dtype=torch.float32, device=image.device)
-    for (y0, y1, x0, x1), weight in tiles:
-        weight_sum[y0:y1, x0:x1] += weight
-    total = len(tiles) * (2 if global_pools else 1)
+    for (y0, y1, x0, x1), row_ramp, column_ramp in tiles:
+        weight_sum[y0:y1, x0:x1] += row_ramp[:, None] * column_ramp[None]
+    pools = list(dict.fromkeys(global_pools))  # each pool once
+    total = len(tiles) * (2 if pools else 1)
     done = 0
 
     def step() -> None:
@@ -285,30 +287,45 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
 
     def pool_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         if collecting:
-            features = args[0]
-            share = torch.nn.functional.interpolate(
-                collecting["share"][None, None].to(features.dtype), size=features.shape[-2:],
-                mode="area")
-            # The tile's share at this resolution, over the whole image's pixel count there.
-            scale = (collecting["share"].numel() / (height * width)
-                     / (features.shape[-2] * features.shape[-1]))
-            part = (features * share).sum(dim=(-2, -1), keepdim=True) * scale
+            collecting["runs"][module] = collecting["runs"].get(module, 0) + 1
+            features = args[0].float()
+            share = collecting["share"].to(features.device)
+            # Each feature cell covers stride_y x stride_x tile pixels (the model may pad the
+            # tile up to its size multiple: those pixels get no share), so the share pooled
+            # by cells still sums to 1 over every image pixel.
+            stride_y = -(-share.shape[0] // features.shape[-2])
+            stride_x = -(-share.shape[1] // features.shape[-1])
+            share = torch.nn.functional.pad(
+                share, (0, features.shape[-1] * stride_x - share.shape[1],
+                        0, features.shape[-2] * stride_y - share.shape[0]))
+            share = torch.nn.functional.avg_pool2d(share[None, None], (stride_y, stride_x))
+            part = ((features * share).sum(dim=(-2, -1), keepdim=True)
+                    * (stride_y * stride_x / (height * width)))
             sums = collecting["sums"]
             sums[module] = part if module not in sums else sums[module] + part
-        return whole_means.get(module, output)
+        if module in whole_means:
+            return whole_means[module].to(device=output.device, dtype=output.dtype).clone()
+        return output
 
-    hooks = [pool.register_forward_hook(pool_hook) for pool in global_pools]
+    hooks = [pool.register_forward_hook(pool_hook) for pool in pools]
     try:
-        if global_pools:
+        if pools:
             collecting["sums"] = {}
-            for (y0, y1, x0, x1), weight in tiles:
-                collecting["share"] = weight / weight_sum[y0:y1, x0:x1]
+            for (y0, y1, x0, x1), row_ramp, column_ramp in tiles:
+                collecting["share"] = (row_ramp[:, None] * column_ramp[None]
+                                       / weight_sum[y0:y1, x0:x1])
+                collecting["runs"] = {}
                 restore(image[..., y0:y1, x0:x1])
+                if any(collecting["runs"].get(pool) != 1 for pool in pools):
+                    raise ValueError(
+                        "restore_tiled: every global pool must run once per call of restore, "
+                        f"got {[collecting['runs'].get(pool, 0) for pool in pools]} runs")
                 step()
             whole_means.update(collecting["sums"])
             collecting.clear()
         out = torch.zeros(image.shape, dtype=torch.float32, device=image.device)
-        for (y0, y1, x0, x1), weight in tiles:
+        for (y0, y1, x0, x1), row_ramp, column_ramp in tiles:
+            weight = row_ramp[:, None] * column_ramp[None]
             out[..., y0:y1, x0:x1] += restore(image[..., y0:y1, x0:x1]).float() * weight
             step()
     finally:
@@ -317,9 +334,10 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
     return out.div_(weight_sum)
 
 
-def _tile_weights(height: int, width: int, tile: int, overlap: int, device
-                  ) -> list[tuple[tuple[int, int, int, int], Tensor]]:
-    """Each tile's span ``(y0, y1, x0, x1)`` and blend weights [y1 - y0, x1 - x0]."""
+def _tile_ramps(height: int, width: int, tile: int, overlap: int, device
+                ) -> list[tuple[tuple[int, int, int, int], Tensor, Tensor]]:
+    """Each tile's span ``(y0, y1, x0, x1)`` and 1-D blend ramps along y and x (the weights
+    are their outer product, formed when needed: memory stays at one tile's)."""
     rows, columns = tile_layout(height, tile, overlap), tile_layout(width, tile, overlap)
     tiles = []
     for iy, (y0, y1) in enumerate(rows):
@@ -330,6 +348,6 @@ def _tile_weights(height: int, width: int, tile: int, overlap: int, device
         for ix, (x0, x1) in enumerate(columns):
             left = columns[ix - 1][1] - x0 if ix else 0
             right = x1 - columns[ix + 1][0] if ix + 1 < len(columns) else 0
-            weight = row_ramp[:, None] * _blend_ramp(x1 - x0, left, right, device)[None]
-            tiles.append(((y0, y1, x0, x1), weight))
+            tiles.append(((y0, y1, x0, x1), row_ramp,
+                          _blend_ramp(x1 - x0, left, right, device)))
     return tiles

@@ -287,6 +287,42 @@ def test_large_images_go_in_tiles_and_come_back_whole(tmp_path, identity_model, 
     np.testing.assert_array_equal(as_array(out / "big.png"), big)
 
 
+class _MeanCentredGenerator(_IdentityGenerator):
+    """Subtracts the image mean per channel through a global average pool (as CFMD-GAN's
+    channel attention averages its features), counting the pool's runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.pool_runs = 0
+        self.pool.register_forward_hook(lambda *args: setattr(self, "pool_runs",
+                                                              self.pool_runs + 1))
+
+    def restore(self, blurry, u):
+        return (blurry - self.pool(blurry) + 0.5).clamp(0, 1)
+
+
+def test_tiles_see_the_whole_image_mean_through_the_models_pools(tmp_path, counting_model):
+    """deblur hands the model's global pools to the tiler: a first pass measures the
+    whole-image mean, so tiles of a photo with a dark half come back as the whole image."""
+    rgb = load_rgb(FACE)
+    big = np.concatenate([np.concatenate([rgb, rgb[::-1]], axis=1)] * 2, axis=0)[:250, :230]
+    big[:, 115:] //= 4
+    Image.fromarray(big).save(tmp_path / "big.png")
+    counting_model["model"] = model = _MeanCentredGenerator()
+    checkpoint = stand_in_checkpoint(tmp_path / "c.pt")
+    out = tmp_path / "out"
+    assert run_deblur([tmp_path / "big.png", "-o", out, "--tile", "96", "--tile-overlap", "32",
+                       "--checkpoint", checkpoint, "--device", "cpu"]) == 0
+    pixels = torch.from_numpy(big).permute(2, 0, 1)[None].float() / 255
+    whole = (model.restore(pixels, 0.5)[0].permute(1, 2, 0).numpy() * 255).round()
+    assert np.abs(as_array(out / "big.png").astype(float) - whole).max() <= 1
+    from facedeblur_ext.inference import tile_layout
+
+    tiles = len(tile_layout(250, 96, 32)) * len(tile_layout(230, 96, 32))
+    assert model.pool_runs == 2 * tiles + 1  # two passes over the tiles, then the check above
+
+
 # ----------------------------------------------------------------------------- before the work
 
 

@@ -117,45 +117,58 @@ def test_tiles_blend_back_to_the_whole_image_result():
 
 
 def test_tiles_give_global_pools_their_whole_image_values():
-    """A model that scales each channel by its image mean (a global average pool on its input):
-    plain tiles get the tile means wrong; with the pool shared, its first-pass value is the
-    whole image's, so the tiles reproduce the whole-image result. Both passes are counted in
-    the progress calls, and the hooks are gone afterwards."""
+    """A model that scales each channel by its image mean and adds the mean square of its
+    1/4-scale features (two global average pools, one on a coarser grid): plain tiles get the
+    tile means wrong; with the pools shared, their first-pass values are the whole image's, so
+    the tiles reproduce the whole-image result (an image side that is a multiple of 4, not of
+    the tiles' 8). Both passes are counted in the progress calls, the hooks are gone
+    afterwards, and a pool that runs twice per call is refused."""
     import torch
+    import torch.nn.functional as F
 
     from facedeblur_ext.inference import global_average_pools, restore_tiled, tile_layout
 
     class MeanScaled(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, coarse_runs=1):
             super().__init__()
             self.pool = torch.nn.AdaptiveAvgPool2d(1)
+            self.coarse_pool = torch.nn.AdaptiveAvgPool2d(1)
             self.local = torch.nn.AdaptiveAvgPool2d(2)  # not global: left alone
+            self.coarse_runs = coarse_runs
 
         def forward(self, x):
-            return x * self.pool(x) * 2
+            coarse = F.avg_pool2d(x, 4) ** 2
+            for _ in range(self.coarse_runs):
+                coarse_mean = self.coarse_pool(coarse)
+            return x * self.pool(x) * 2 + coarse_mean
 
     model = MeanScaled()
-    assert global_average_pools(model) == [model.pool]
-    image = torch.rand(1, 3, 200, 300, generator=torch.Generator().manual_seed(0))
+    assert global_average_pools(model) == [model.pool, model.coarse_pool]
+    image = torch.rand(1, 3, 204, 300, generator=torch.Generator().manual_seed(0))
     image[..., :, 150:] *= 0.2  # tile means far from the image mean
     whole = model(image)
     plain = restore_tiled(model, image, tile=96, overlap=32)
     assert (plain - whole).abs().max() > 0.1
     calls = []
-    shared = restore_tiled(model, image, tile=96, overlap=32, global_pools=[model.pool],
+    shared = restore_tiled(model, image, tile=96, overlap=32,
+                           global_pools=[model.pool, model.coarse_pool, model.pool],
                            progress=lambda done, total: calls.append((done, total)))
     torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
-    tiles = len(tile_layout(200, 96, 32)) * len(tile_layout(300, 96, 32))
+    tiles = len(tile_layout(204, 96, 32)) * len(tile_layout(300, 96, 32))
     assert calls == [(done, 2 * tiles) for done in range(1, 2 * tiles + 1)]
-    assert not model.pool._forward_hooks
-    torch.testing.assert_close(model(image[..., :96, :96]),
-                               image[..., :96, :96] * image[..., :96, :96].mean((-2, -1),
-                                                                               keepdim=True) * 2)
+    assert not model.pool._forward_hooks and not model.coarse_pool._forward_hooks
+    corner = image[..., :96, :96]
+    torch.testing.assert_close(model(corner), corner * corner.mean((-2, -1), keepdim=True) * 2
+                               + (F.avg_pool2d(corner, 4) ** 2).mean((-2, -1), keepdim=True))
     # One tile: restored whole, in one run.
     calls.clear()
     restore_tiled(model, image[..., :90, :90], tile=96, overlap=32, global_pools=[model.pool],
                   progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 1)]
+    twice = MeanScaled(coarse_runs=2)
+    with pytest.raises(ValueError, match="once per call"):
+        restore_tiled(twice, image, tile=96, overlap=32, global_pools=global_average_pools(twice))
+    assert not twice.coarse_pool._forward_hooks
 
 
 def tile_consistency():

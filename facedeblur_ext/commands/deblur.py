@@ -211,7 +211,7 @@ def _tiled(args: argparse.Namespace, restore, model):
         def step(done, total):
             nonlocal bar
             if bar is None:
-                bar = progress_bar(total=total, desc="tiles", unit="tile", leave=False)
+                bar = progress_bar(total=total, desc="tile runs", unit="run", leave=False)
             bar.update(done - bar.n)
 
         try:

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, inputs: list[Path], names: list[str], device) 
 
                     def tile_done(done, total, tiles=tiles):
                         if "bar" not in tiles:
-                            tiles["bar"] = progress_bar(total=total, desc="tiles", unit="tile",
+                            tiles["bar"] = progress_bar(total=total, desc="tile runs", unit="run",
                                                         leave=False)
                         tiles["bar"].update(done - tiles["bar"].n)
 
