@@ -213,7 +213,7 @@ def global_average_pools(model: nn.Module) -> list[nn.Module]:
     (``nn.AdaptiveAvgPool2d(1)``, e.g. the channel attention of every ContAda block), for
     :func:`restore_tiled`'s ``global_pools``."""
     return [m for m in model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)
-            and tuple(_pair(m.output_size)) == (1, 1)]
+            and _pair(m.output_size) == (1, 1)]
 
 
 def _pair(size) -> tuple:
@@ -235,10 +235,10 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
     ``global_pools`` a first pass over the tiles measures each pool's whole-image value (every
     tile's pool input weighted by the tile's share of the blend, resampled to the pool's
     resolution: the shares of all tiles sum to 1 at every pixel), and the pass that is blended
-    uses those values. That doubles the work and keeps memory at one tile plus a vector per
-    pool. Not exact: in the first pass a later pool sees features made with tile-local values
-    of the pools before it, and every tile still lacks the context past its overlap (see the
-    README's tile figures, ``scripts/tile_consistency.py``).
+    uses those values. That doubles the work and adds one vector per pool to the memory. Not
+    exact: in the first pass a later pool sees features made with tile-local values of the
+    pools before it, and every tile still lacks the context past its overlap (see the README's
+    tile figures, ``scripts/tile_consistency.py``).
 
     Args:
         restore: maps [1, C, h, w] to the restored [1, C, h, w] (any h, w up to ``tile``).
@@ -283,25 +283,14 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
             progress(done, total)
 
     whole_means: dict[nn.Module, Tensor] = {}
-    collecting: dict = {}
+    sums: dict[nn.Module, Tensor] = {}
+    runs: dict[nn.Module, int] = {}
+    share: Tensor | None = None  # in the first pass: the current tile's share of each pixel
 
     def pool_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        if collecting:
-            collecting["runs"][module] = collecting["runs"].get(module, 0) + 1
-            features = args[0].float()
-            share = collecting["share"].to(features.device)
-            # Each feature cell covers stride_y x stride_x tile pixels (the model may pad the
-            # tile up to its size multiple: those pixels get no share), so the share pooled
-            # by cells still sums to 1 over every image pixel.
-            stride_y = -(-share.shape[0] // features.shape[-2])
-            stride_x = -(-share.shape[1] // features.shape[-1])
-            share = torch.nn.functional.pad(
-                share, (0, features.shape[-1] * stride_x - share.shape[1],
-                        0, features.shape[-2] * stride_y - share.shape[0]))
-            share = torch.nn.functional.avg_pool2d(share[None, None], (stride_y, stride_x))
-            part = ((features * share).sum(dim=(-2, -1), keepdim=True)
-                    * (stride_y * stride_x / (height * width)))
-            sums = collecting["sums"]
+        if share is not None:
+            runs[module] = runs.get(module, 0) + 1
+            part = _share_of_mean(args[0], share, height * width)
             sums[module] = part if module not in sums else sums[module] + part
         if module in whole_means:
             return whole_means[module].to(device=output.device, dtype=output.dtype).clone()
@@ -310,19 +299,17 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
     hooks = [pool.register_forward_hook(pool_hook) for pool in pools]
     try:
         if pools:
-            collecting["sums"] = {}
             for (y0, y1, x0, x1), row_ramp, column_ramp in tiles:
-                collecting["share"] = (row_ramp[:, None] * column_ramp[None]
-                                       / weight_sum[y0:y1, x0:x1])
-                collecting["runs"] = {}
+                share = row_ramp[:, None] * column_ramp[None] / weight_sum[y0:y1, x0:x1]
+                runs.clear()
                 restore(image[..., y0:y1, x0:x1])
-                if any(collecting["runs"].get(pool) != 1 for pool in pools):
+                if any(runs.get(pool) != 1 for pool in pools):
                     raise ValueError(
                         "restore_tiled: every global pool must run once per call of restore, "
-                        f"got {[collecting['runs'].get(pool, 0) for pool in pools]} runs")
+                        f"got {[runs.get(pool, 0) for pool in pools]} runs")
                 step()
-            whole_means.update(collecting["sums"])
-            collecting.clear()
+            share = None
+            whole_means.update(sums)
         out = torch.zeros(image.shape, dtype=torch.float32, device=image.device)
         for (y0, y1, x0, x1), row_ramp, column_ramp in tiles:
             weight = row_ramp[:, None] * column_ramp[None]
@@ -332,6 +319,22 @@ def restore_tiled(restore: Callable[[Tensor], Tensor], image: Tensor, *,
         for hook in hooks:
             hook.remove()
     return out.div_(weight_sum)
+
+
+def _share_of_mean(features: Tensor, share: Tensor, image_pixels: int) -> Tensor:
+    """One tile's part of the whole-image mean of ``features`` [1, C, h', w'] (float32
+    [1, C, 1, 1]): each feature cell covers stride_y x stride_x tile pixels (the model may pad
+    the tile up to its size multiple: those pixels get no share), so ``share`` [h, w], pooled
+    by cells, still sums to 1 over every image pixel."""
+    features = features.float()
+    share = share.to(features.device)
+    stride_y = -(-share.shape[0] // features.shape[-2])
+    stride_x = -(-share.shape[1] // features.shape[-1])
+    share = torch.nn.functional.pad(share, (0, features.shape[-1] * stride_x - share.shape[1],
+                                            0, features.shape[-2] * stride_y - share.shape[0]))
+    share = torch.nn.functional.avg_pool2d(share[None, None], (stride_y, stride_x))
+    return ((features * share).sum(dim=(-2, -1), keepdim=True)
+            * (stride_y * stride_x / image_pixels))
 
 
 def _tile_ramps(height: int, width: int, tile: int, overlap: int, device

@@ -305,6 +305,8 @@ class _MeanCentredGenerator(_IdentityGenerator):
 def test_tiles_see_the_whole_image_mean_through_the_models_pools(tmp_path, counting_model):
     """deblur hands the model's global pools to the tiler: a first pass measures the
     whole-image mean, so tiles of a photo with a dark half come back as the whole image."""
+    from facedeblur_ext.inference import tile_layout
+
     rgb = load_rgb(FACE)
     big = np.concatenate([np.concatenate([rgb, rgb[::-1]], axis=1)] * 2, axis=0)[:250, :230]
     big[:, 115:] //= 4
@@ -317,8 +319,6 @@ def test_tiles_see_the_whole_image_mean_through_the_models_pools(tmp_path, count
     pixels = torch.from_numpy(big).permute(2, 0, 1)[None].float() / 255
     whole = (model.restore(pixels, 0.5)[0].permute(1, 2, 0).numpy() * 255).round()
     assert np.abs(as_array(out / "big.png").astype(float) - whole).max() <= 1
-    from facedeblur_ext.inference import tile_layout
-
     tiles = len(tile_layout(250, 96, 32)) * len(tile_layout(230, 96, 32))
     assert model.pool_runs == 2 * tiles + 1  # two passes over the tiles, then the check above
 

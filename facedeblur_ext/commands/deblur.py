@@ -48,6 +48,7 @@ from pathlib import Path
 
 from facedeblur_ext.commands import checkpoint_to_run, deblur_full_photo, resolve_device
 from facedeblur_ext.commands.deblur_common import (
+    TileRunsBar,
     check_outputs,
     finish,
     list_inputs,
@@ -198,28 +199,18 @@ def run(args: argparse.Namespace) -> int:
     return _run_moments(args, inputs, names, out_dir, device, controls)
 
 
-def _tiled(args: argparse.Namespace, restore, model):
-    """``restore`` over tiles of ``--tile`` pixels, ``model``'s global pools at their
+def _tiled(args: argparse.Namespace, restore, pools):
+    """``restore`` over tiles of ``--tile`` pixels, the model's global ``pools`` at their
     whole-image values, with a progress bar when there are several tiles."""
-    from facedeblur_ext.inference import global_average_pools, restore_tiled
-
-    pools = global_average_pools(model)
+    from facedeblur_ext.inference import restore_tiled
 
     def run_tiles(batch):
-        bar = None
-
-        def step(done, total):
-            nonlocal bar
-            if bar is None:
-                bar = progress_bar(total=total, desc="tile runs", unit="run", leave=False)
-            bar.update(done - bar.n)
-
+        bar = TileRunsBar()
         try:
             return restore_tiled(restore, batch, tile=args.tile, overlap=args.tile_overlap,
-                                 global_pools=pools, progress=step)
+                                 global_pools=pools, progress=bar)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
 
     return run_tiles
 
@@ -229,18 +220,20 @@ def _run_moments(args, inputs: list[Path], names: list[str], out_dir: Path, devi
     """CFMD-GAN: the moments of each input, each frame written as soon as it is made."""
     import torch
 
+    from facedeblur_ext.inference import global_average_pools
     from facedeblur_ext.models.cfmd import load_generator
     from facedeblur_ext.nn import resolve_backend
 
     generator = load_generator(args.checkpoint, device, resolve_backend(args.backend),
                                prefer_ema=not args.no_ema)
+    pools = global_average_pools(generator)
     failures: list[Path] = []
     written = 0
     with torch.no_grad():
         for _path, name, image in readable_images(inputs, names, failures, desc="deblur"):
             blurry = _to_batch(image, device)
             if len(controls) == 1:
-                restore = _tiled(args, lambda x: generator.restore(x, controls[0]), generator)
+                restore = _tiled(args, lambda x: generator.restore(x, controls[0]), pools)
                 save_png(_to_uint8(restore(blurry)[0]), out_dir / f"{name}.png")
                 written += 1
                 continue
@@ -250,7 +243,7 @@ def _run_moments(args, inputs: list[Path], names: list[str], out_dir: Path, devi
                               leave=False) as bar:
                 for u, frame_path in zip(controls, frame_paths):
                     if args.redo or not frame_path.exists():
-                        restore = _tiled(args, lambda x, u=u: generator.restore(x, u), generator)
+                        restore = _tiled(args, lambda x, u=u: generator.restore(x, u), pools)
                         save_png(_to_uint8(restore(blurry)[0]), frame_path)
                     bar.update()
             # Frames of an earlier run with another --frames would mix with this sweep.
@@ -268,6 +261,7 @@ def _run_single_output(args, inputs: list[Path], names: list[str], out_dir: Path
     """SNADNet and the baselines: one restored image per input."""
     import torch
 
+    from facedeblur_ext.inference import global_average_pools
     from facedeblur_ext.models.face_parsing import colorize_regions
     from facedeblur_ext.nn import resolve_backend
 
@@ -282,6 +276,7 @@ def _run_single_output(args, inputs: list[Path], names: list[str], out_dir: Path
         model = load_baseline(args.checkpoint, device, prefer_ema=not args.no_ema,
                               task=args.model)
     save_parsing = args.save_parsing and args.model == "snadnet"
+    pools = global_average_pools(model)
     failures: list[Path] = []
     written = 0
     with torch.no_grad():
@@ -292,7 +287,7 @@ def _run_single_output(args, inputs: list[Path], names: list[str], out_dir: Path
                 save_png(_to_uint8(colorize_regions(parsing)[0]),
                          out_dir / f"{name}_parsing.png")
             else:
-                restored = _tiled(args, model.restore, model)(blurry)
+                restored = _tiled(args, model.restore, pools)(blurry)
             save_png(_to_uint8(restored[0]), out_dir / f"{name}.png")
             written += 1
     return finish(f"wrote {written} image(s) to {out_dir}", failures, len(inputs))

@@ -162,6 +162,24 @@ def progress_bar(*, total: int, desc: str, unit: str, leave: bool = True):
                 dynamic_ncols=True)
 
 
+class TileRunsBar:
+    """A progress bar over the model runs of one tiled image, made at the first report (when
+    :func:`~facedeblur_ext.inference.restore_tiled` gives the total): pass it as ``progress``,
+    then :meth:`close` it."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(total=total, desc="tile runs", unit="run", leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def finish(written: str, failures: list[Path], num_inputs: int) -> int:
     """Print the summary line; exit status 1 when some inputs could not be read."""
     print(written)

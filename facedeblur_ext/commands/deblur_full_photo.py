@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from facedeblur_ext.commands.deblur_common import (
+    TileRunsBar,
     finish,
     native_stderr_hidden,
     positive_float,
@@ -94,22 +95,17 @@ def run(args: argparse.Namespace, inputs: list[Path], names: list[str], device) 
                               leave=False) as bar:
                 restored = photo
                 for face in faces:  # one at a time: a bar step per face, and one over its tiles
-                    tiles: dict = {}
-
-                    def tile_done(done, total, tiles=tiles):
-                        if "bar" not in tiles:
-                            tiles["bar"] = progress_bar(total=total, desc="tile runs", unit="run",
-                                                        leave=False)
-                        tiles["bar"].update(done - tiles["bar"].n)
-
-                    restored, _ = restore_photo(restored, restore, size=size,
-                                                margin=args.face_margin, feather=args.feather,
-                                                faces=[face], device=device, tile=args.tile,
-                                                overlap=args.tile_overlap,
-                                                detail=not args.no_detail_fusion,
-                                                global_pools=pools, progress=tile_done)
-                    if "bar" in tiles:
-                        tiles["bar"].close()
+                    tile_runs = TileRunsBar()
+                    try:
+                        restored, _ = restore_photo(restored, restore, size=size,
+                                                    margin=args.face_margin,
+                                                    feather=args.feather, faces=[face],
+                                                    device=device, tile=args.tile,
+                                                    overlap=args.tile_overlap,
+                                                    detail=not args.no_detail_fusion,
+                                                    global_pools=pools, progress=tile_runs)
+                    finally:
+                        tile_runs.close()
                     bar.update()
             total += len(faces)
             save_png(restored, out_dir / f"{name}.png")
